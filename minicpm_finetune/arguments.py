@@ -1,0 +1,110 @@
+"""Command-line arguments: model, data and training (every transformers.TrainingArguments flag works).
+
+Impossible combinations are rejected here, in one line, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+import transformers
+
+from .data import FORMATS
+
+
+class ArgumentError(Exception):
+    """An impossible or inconsistent set of flags."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="openbmb/MiniCPM-2B-sft-bf16",
+                                    metadata={"help": "hub id or local folder of the base model"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "run the model's own Python code; not needed for MiniCPM-1/2/3/4 (native here)"})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "eager, sdpa or flash_attention_2 (default: transformers' choice, sdpa)"})
+    chat_template: str | None = field(default=None, metadata={
+        "help": "minicpm, chatml or a Jinja file (default: the tokenizer's, else by model type)"})
+    use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of all weights"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str | None = field(default=None, metadata={
+        "help": "comma-separated module names or all-linear (default: q_proj,v_proj for MiniCPM/Llama)"})
+
+
+@dataclass
+class DataArguments:
+    train_data_path: str | None = field(default=None, metadata={"help": "training data (JSON or JSON Lines)"})
+    eval_data_path: str | None = field(default=None, metadata={"help": "validation data (required)"})
+    test_data_path: str | None = field(default=None, metadata={"help": "test data, evaluated after training"})
+    data_format: str = field(default="auto", metadata={"help": "auto, conversation or input_output",
+                                                       "choices": list(FORMATS)})
+    skip_bad_samples: bool = field(default=False, metadata={"help": "drop bad records instead of stopping"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(default=512, metadata={"help": "longest sample in tokens; longer ones are cut"})
+    # Batches of similar lengths waste less compute on padding.
+    train_sampling_strategy: str = field(default="group_by_length", metadata={
+        "help": "random, sequential, group_by_length (default here) or batch_rebalance"})
+    logging_steps: float = field(default=10)
+
+    def __post_init__(self):
+        super().__post_init__()
+        # Non-reentrant checkpointing works with frozen (LoRA) weights and under DeepSpeed.
+        if self.activation_checkpointing and not self.activation_checkpointing_kwargs:
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+
+
+LORA_DEFAULTS = {name: ModelArguments.__dataclass_fields__[name].default
+                 for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")}
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """Raise ArgumentError for anything that would fail later, after minutes of loading."""
+    for name in ("train_data_path", "eval_data_path"):
+        if not getattr(data_args, name):
+            raise ArgumentError(f"--{name} is required")
+    for name in ("train_data_path", "eval_data_path", "test_data_path"):
+        path = getattr(data_args, name)
+        if path and not os.path.isfile(path):
+            raise ArgumentError(f"--{name} {path}: file not found")
+    if looks_local(model_args.model_name_or_path) and not os.path.isdir(model_args.model_name_or_path):
+        raise ArgumentError(f"--model_name_or_path {model_args.model_name_or_path}: folder not found")
+    if not model_args.use_lora:
+        changed = [f"--{k}" for k, v in LORA_DEFAULTS.items() if getattr(model_args, k) != v]
+        if changed:
+            raise ArgumentError(f"{', '.join(changed)} given without --use_lora (full fine-tuning has no adapter)")
+    if model_args.use_lora and os.path.isfile(os.path.join(model_args.model_name_or_path, "adapter_config.json")):
+        raise ArgumentError(f"--model_name_or_path {model_args.model_name_or_path} is already a LoRA adapter: "
+                            "merge it first (python -m minicpm_finetune.export merge) or give its base model")
+    if model_args.use_lora and model_args.lora_r <= 0:
+        raise ArgumentError(f"--lora_r must be positive, got {model_args.lora_r}")
+    if training_args.model_max_length <= 0:
+        raise ArgumentError(f"--model_max_length must be positive, got {training_args.model_max_length}")
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a hub id ("owner/name")."""
+    return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") != 1
+
+
+def parse_args(argv=None):
+    """Parse the command line into (model, data, training) arguments and check them.
+
+    The DeepSpeed config path is checked before TrainingArguments reads it, so a typo is one line.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--deepspeed" in argv:
+        index = argv.index("--deepspeed") + 1
+        if index < len(argv) and not argv[index].startswith("{") and not os.path.isfile(argv[index]):
+            raise ArgumentError(f"--deepspeed {argv[index]}: config file not found")
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    check_arguments(model_args, data_args, training_args)
+    return model_args, data_args, training_args

@@ -1,0 +1,60 @@
+"""Load the tokenizer and the model (full or LoRA) the way the training flags ask for."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .templates import apply_template, resolve_chat_template
+
+
+def load_tokenizer(model_args):
+    """The tokenizer with the chat template we train with (saved with every output)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
+                                              trust_remote_code=model_args.trust_remote_code)
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    apply_template(tokenizer, resolve_chat_template(tokenizer, config.model_type, model_args.chat_template))
+    tokenizer.padding_side = "right"  # training pads on the right; generation switches to left
+    return tokenizer
+
+
+def load_dtype(training_args) -> torch.dtype:
+    """bf16/fp16 flags decide the weights' dtype at load time; fp32 otherwise."""
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def lora_target_modules(model_args, config) -> list[str] | str:
+    if model_args.lora_target_modules:
+        names = [n.strip() for n in model_args.lora_target_modules.split(",") if n.strip()]
+        return "all-linear" if names == ["all-linear"] else names
+    from .modeling_minicpm import default_lora_target_modules
+
+    return default_lora_target_modules(config)
+
+
+def load_model(model_args, training_args):
+    """The causal LM from a hub id or folder; wrapped with a fresh LoRA adapter when --use_lora."""
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        dtype=load_dtype(training_args),
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    model.config.use_cache = False  # the KV cache is for generation, not training
+    if training_args.activation_checkpointing:
+        # Frozen embeddings under LoRA give inputs without grad; checkpointed blocks still need one.
+        model.enable_input_require_grads()
+    if model_args.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(task_type="CAUSAL_LM", r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                          lora_dropout=model_args.lora_dropout,
+                          target_modules=lora_target_modules(model_args, model.config))
+        model = get_peft_model(model, lora)  # adapters are kept in fp32 even over bf16 weights
+        if training_args.process_index == 0:
+            model.print_trainable_parameters()
+    return model

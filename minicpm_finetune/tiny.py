@@ -1,0 +1,136 @@
+"""A tiny random MiniCPM and a SentencePiece tokenizer trained on the fly, for tests and the CPU demo.
+
+    python -m minicpm_finetune.tiny --output_dir DIR [--data FILE ...] [--chat_template minicpm|chatml]
+
+The model has MiniCPM's architecture and non-trivial muP scalings; the tokenizer is a byte-fallback
+SentencePiece BPE model loaded as transformers' LlamaTokenizer, as MiniCPM-2B's is, with the chat
+template saved in its config. The folder loads with ``--model_name_or_path DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+# A little built-in text so a tokenizer can be trained without any data file.
+BASE_CORPUS = [
+    "你好，有什么可以帮你的吗？", "今天天气很好，我们去公园散步吧。", "这款连衣裙显瘦又文艺，适合夏天穿。",
+    "Hello, how can I help you today?", "The quick brown fox jumps over the lazy dog.",
+    "0123456789 + - * / = ( ) [ ] { } # , . ! ?", "类型#裙*版型#显瘦*风格#文艺*图案#印花",
+]
+
+
+def _texts_from_file(path: str):
+    """Every string value in a JSON / JSON Lines data file, whatever its format."""
+    def strings(obj):
+        if isinstance(obj, str):
+            yield obj
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                yield from strings(value)
+        elif isinstance(obj, list):
+            for value in obj:
+                yield from strings(value)
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    objects = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    for obj in objects:
+        yield from strings(obj)
+
+
+def build_tokenizer(output_dir: str, texts: list[str], chat_template: str = "minicpm", vocab_size: int = 1024):
+    """Train a byte-fallback SentencePiece BPE on ``texts`` and save it as a LlamaTokenizer with a chat template."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from .templates import TEMPLATES, apply_template
+
+    markers = ["<用户>", "<AI>"] if chat_template == "minicpm" else ["system", "user", "assistant"]
+    corpus = BASE_CORPUS + markers + list(texts)
+    # Every character needs a piece (plus 256 byte pieces and 3 specials); give merges some room on top.
+    needed = len(set("".join(corpus))) + 256 + 3
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe",
+        vocab_size=max(vocab_size, needed + 32), hard_vocab_limit=False, byte_fallback=True,
+        character_coverage=1.0, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
+    )
+    with tempfile.TemporaryDirectory() as raw:
+        with open(os.path.join(raw, "tokenizer.model"), "wb") as f:
+            f.write(model.getvalue())
+        with open(os.path.join(raw, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                       "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True}, f)
+        tokenizer = AutoTokenizer.from_pretrained(raw)
+    if chat_template == "chatml":
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    apply_template(tokenizer, TEMPLATES[chat_template])
+    tokenizer.save_pretrained(output_dir)
+    return tokenizer
+
+
+def tiny_config(vocab_size: int, bos_token_id: int = 1, eos_token_id: int = 2, **overrides):
+    """A small MiniCPM config with MiniCPM-2B's structure and non-trivial scalings."""
+    from .configuration_minicpm import MiniCPMConfig
+
+    settings = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
+        scale_emb=12.0, dim_model_base=16, scale_depth=1.4,
+        bos_token_id=bos_token_id, eos_token_id=eos_token_id, initializer_range=0.1,
+    )
+    settings.update(overrides)
+    return MiniCPMConfig(**settings)
+
+
+def build_tiny(output_dir: str, data_files=(), chat_template: str = "minicpm", seed: int = 0, **config_overrides) -> str:
+    """Write a tiny random MiniCPM and its tokenizer to ``output_dir`` (atomically) and return the path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    texts = [t for path in data_files for t in _texts_from_file(path)]
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
+    try:
+        tokenizer = build_tokenizer(staging, texts, chat_template)
+        torch.manual_seed(seed)
+        config = tiny_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, **config_overrides)
+        model = AutoModelForCausalLM.from_config(config)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(staging)
+        if os.path.exists(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minicpm_finetune.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--data", nargs="*", default=[], help="data files whose text trains the tokenizer")
+    parser.add_argument("--chat_template", choices=["minicpm", "chatml"], default="minicpm")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for path in args.data:
+        if not os.path.isfile(path):
+            print(f"error: {path}: file not found", file=sys.stderr)
+            return 2
+    build_tiny(args.output_dir, args.data, args.chat_template, args.seed)
+    print(f"wrote a tiny MiniCPM and tokenizer to {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
