@@ -48,7 +48,7 @@ class MiniCPMConfig(PreTrainedConfig):
     num_key_value_heads: int | None = None
     head_dim: int | None = None
     hidden_act: str = "silu"
-    max_position_embeddings: int = 4096
+    max_position_embeddings: int = 2048
     initializer_range: float = 0.1
     rms_norm_eps: float = 1e-5
     use_cache: bool = True

@@ -230,7 +230,8 @@ class MiniCPMModel(MiniCPMPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids) * self.config.scale_emb
 
-        if use_cache and cache is None:
+        fresh_cache = use_cache and cache is None
+        if fresh_cache:
             cache = DynamicCache(config=self.config)
 
         if position_ids is None:
@@ -239,12 +240,15 @@ class MiniCPMModel(MiniCPMPreTrainedModel):
             position_ids = position_ids.unsqueeze(0)
 
         # With attention_mask=None and position_ids that restart inside a row, this mask keeps each
-        # packed sample attending only to itself.
+        # packed sample attending only to itself. create_causal_mask looks for packing only when it is
+        # given no cache, so a cache created just above (still empty, hence the same mask sizes) is not
+        # passed: otherwise use_cache=True, the config default, would silently let packed samples
+        # attend to each other (LlamaModel in transformers 5.24 has that problem).
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
-            cache=cache,
+            cache=None if fresh_cache else cache,
             position_ids=position_ids,
         )
 
