@@ -31,6 +31,7 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT_LEARNING_TYPES = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT"}
+# The first three mark a folder as holding a tokenizer; the rest travel with them.
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",
@@ -108,7 +109,7 @@ def _save_tokenizer(sources: list[str], output_dir: str) -> None:
     from transformers import AutoTokenizer
 
     for source in sources:
-        if not any(os.path.exists(os.path.join(source, name)) for name in TOKENIZER_FILES):
+        if not any(os.path.exists(os.path.join(source, name)) for name in TOKENIZER_FILES[:3]):
             continue
         try:
             AutoTokenizer.from_pretrained(source).save_pretrained(output_dir)

@@ -340,3 +340,19 @@ def test_lora_with_gradient_checkpointing_trains():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert math.isfinite(losses[-1]) and losses[-1] < 0.9 * losses[0], losses
+
+
+def test_loss_goes_through_a_peft_wrapped_lm_head():
+    """The chunked loss calls lm_head as a module, so a LoRA on the head is part of the loss."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_model(tied=False), LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False)
+    )
+    ids = random_ids(2, 10)
+    logits = model(input_ids=ids).logits
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    loss = model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if "lora_" in name)
