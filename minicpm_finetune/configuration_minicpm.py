@@ -24,7 +24,6 @@ class MiniCPMConfig(PreTrainedConfig):
     """
 
     model_type = "minicpm"
-    keys_to_ignore_at_inference = ["past_key_values"]
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",

@@ -321,7 +321,7 @@ def test_lora_with_gradient_checkpointing_trains():
     from peft import LoraConfig, get_peft_model
 
     model = tiny_model(num_hidden_layers=2)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
