@@ -67,7 +67,7 @@ def test_lora_with_gradient_checkpointing_and_all_linear(tmp_path, tiny_model, d
     assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert config["r"] == 4 and config["lora_alpha"] == 32
     train_losses, _ = losses(output_dir)
-    assert train_losses[-1] < 0.7 * train_losses[0]
+    assert train_losses[-1] < 0.9 * train_losses[0]
     assert trainer.model.base_model.model.is_gradient_checkpointing
 
 
