@@ -73,7 +73,7 @@ def bad_data_run(tmp_path_factory, tiny_model):
     return folder, out, result
 
 
-@pytest.mark.parametrize("where, problem", [
+BAD_RECORDS = [
     ("train.jsonl:2:", "malformed JSON"),
     ("train.jsonl:3:", 'message 1: "content" must be a string'),
     ("train.jsonl:4:", 'missing "messages"'),
@@ -85,7 +85,13 @@ def bad_data_run(tmp_path_factory, tiny_model):
     ("train.jsonl:10:", 'message 1: "content" must be a string'),
     ("dev.json:2:", '"output" must be a string'),
     ("test.jsonl:2:", "not UTF-8"),
-])
+]
+BAD_RECORD_IDS = ["malformed_json", "non_string_content", "wrong_format", "unknown_role", "out_of_order",
+                  "ends_with_user", "empty_reply", "not_an_object", "missing_content", "array_item_bad_field",
+                  "not_utf8"]
+
+
+@pytest.mark.parametrize("where, problem", BAD_RECORDS, ids=BAD_RECORD_IDS)
 def test_bad_record_is_named_with_file_and_line(bad_data_run, where, problem):
     folder, out, result = bad_data_run
     assert_clean_failure(result, out)
@@ -366,7 +372,7 @@ def main_without_model(monkeypatch):
     return finetune.main
 
 
-@pytest.mark.parametrize("case, extra, message", [
+IMPOSSIBLE = [
     ("lora flag without lora", ["--lora_r", "4"], "--lora_r given without --use_lora"),
     ("deepspeed config missing", ["--deepspeed", "nowhere.json"], "--deepspeed nowhere.json: config file not found"),
     ("deepspeed config broken", ["--deepspeed", "{tmp}/broken.json"], "not valid JSON"),
@@ -380,7 +386,11 @@ def main_without_model(monkeypatch):
     ("resume latest, none", ["--resume_from_checkpoint", "true", "--output_dir", "{tmp}/empty"],
      "no complete checkpoint-N folder"),
     ("model folder missing", ["--model_name_or_path", "{tmp}/no_model"], "no_model: folder not found"),
-])
+]
+
+
+@pytest.mark.parametrize("case, extra, message", IMPOSSIBLE, ids=[case.replace(" ", "_").replace(",", "")
+                                                                  for case, _, _ in IMPOSSIBLE])
 def test_impossible_arguments_are_one_line_before_loading(tmp_path, data_dir, main_without_model, capsys,
                                                           case, extra, message):
     import torch
@@ -400,3 +410,14 @@ def test_impossible_arguments_are_one_line_before_loading(tmp_path, data_dir, ma
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_deepspeed_configs_use_dynamic_fp16_loss_scaling():
+    """fp16 (GPUs without bf16) needs loss scaling: every DeepSpeed config scales dynamically (loss_scale 0)."""
+    configs = [os.path.join(ROOT, "configs", name) for name in os.listdir(os.path.join(ROOT, "configs"))
+               if name.startswith("ds_config")]
+    assert configs
+    for path in configs:
+        with open(path) as f:
+            fp16 = json.load(f)["fp16"]
+        assert fp16["enabled"] == "auto" and fp16["loss_scale"] == 0, path
