@@ -13,8 +13,13 @@ import sys
 from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
 from minicpm_finetune.arguments import ArgumentError, parse_args
-from minicpm_finetune.data import IGNORE_INDEX, DataError, load_conversations, tokenize_dataset
+from minicpm_finetune.data import IGNORE_INDEX, DataError, check_files, load_conversations, tokenize_dataset
 from minicpm_finetune.model import load_model, load_tokenizer
+from minicpm_finetune.safety import NonFiniteLossError, NonFiniteLossGuard, ProcessReport
+
+
+class SafeTrainer(NonFiniteLossGuard, Trainer):
+    """The Trainer, stopping on a NaN/inf loss instead of stepping on (see minicpm_finetune.safety)."""
 
 
 def fail(message: str) -> None:
@@ -27,20 +32,20 @@ def fail(message: str) -> None:
 def prepare_data(data_args, training_args, tokenizer):
     """Check, load and tokenize every split; print what was truncated or skipped."""
     splits = {"train": data_args.train_data_path, "eval": data_args.eval_data_path, "test": data_args.test_data_path}
+    splits = {name: path for name, path in splits.items() if path}
+    log = print if training_args.process_index == 0 else (lambda *_: None)
+    checks = check_files(splits, data_args.data_format, data_args.skip_bad_samples, log)  # every file, one report
     datasets = {}
     with training_args.main_process_first(desc="tokenizing"):  # the first process fills the cache
         for name, path in splits.items():
-            if not path:
-                continue
-            conversations = load_conversations(path, data_args.data_format, data_args.skip_bad_samples)
+            conversations = load_conversations(path, data_args.data_format, data_args.skip_bad_samples, log,
+                                               check=checks[name])
             datasets[name], stats = tokenize_dataset(conversations, tokenizer, training_args.model_max_length)
             if training_args.process_index == 0:
                 print(stats.summary(f"{name} ({path})"))
             if not len(datasets[name]):
                 raise DataError(f"{path}: no sample has a token left to learn at --model_max_length "
                                 f"{training_args.model_max_length}")
-    if os.path.realpath(splits["train"]) == os.path.realpath(splits["eval"]) and training_args.process_index == 0:
-        print("warning: the validation file is the training file; validation loss will not show overfitting")
     return datasets
 
 
@@ -58,7 +63,7 @@ def main(argv=None):
         fail(str(e))
 
     model = load_model(model_args, training_args)
-    trainer = Trainer(
+    trainer = SafeTrainer(
         model=model,
         args=training_args,
         train_dataset=datasets["train"],
@@ -66,8 +71,12 @@ def main(argv=None):
         processing_class=tokenizer,
         # Pad each batch to its own longest sample, never to model_max_length.
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX),
+        callbacks=[ProcessReport()],
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:  # resume_from_checkpoint: a complete checkpoint folder (arguments.py resolves "true"/"latest")
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except NonFiniteLossError as e:
+        fail(str(e))
     trainer.save_model()  # LoRA: the adapter; full: the whole model (gathered under ZeRO-3); both + tokenizer
     trainer.save_state()
 

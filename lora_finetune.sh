@@ -2,6 +2,7 @@
 # LoRA fine-tuning on one GPU (or the CPU when there is none). No DeepSpeed needed.
 # Every setting below can be overridden from the environment; extra arguments go to finetune.py:
 #   MODEL_PATH=openbmb/MiniCPM-2B-sft-bf16 DATA_DIR=data/my_data bash lora_finetune.sh --num_train_epochs 3
+# After a crash: OUTPUT_DIR=<the same folder> bash lora_finetune.sh --resume_from_checkpoint true
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/common.sh

@@ -2,7 +2,8 @@
 # Full-parameter fine-tuning with DeepSpeed ZeRO on one node of several GPUs, or several nodes (HOSTFILE).
 # Every setting below can be overridden from the environment; extra arguments go to finetune.py:
 #   NUM_GPUS=8 DS_CONFIG=configs/ds_config_zero2.json bash sft_finetune.sh --num_train_epochs 3
-# Several nodes: HOSTFILE=hostfile MASTER_ADDR=10.0.0.1 bash sft_finetune.sh (see README, multi-node).
+# Several nodes: HOSTFILE=hostfile MASTER_ADDR=10.0.0.1 bash sft_finetune.sh (see docs/faults.md, Several nodes).
+# After a crash: OUTPUT_DIR=<the same folder> bash sft_finetune.sh --resume_from_checkpoint true
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/common.sh

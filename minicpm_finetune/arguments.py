@@ -5,6 +5,7 @@ Impossible combinations are rejected here, in one line, before any model is load
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import transformers
 
 from .data import FORMATS
+from .safety import resolve_resume
 
 
 class ArgumentError(Exception):
@@ -87,6 +89,19 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise ArgumentError(f"--lora_r must be positive, got {model_args.lora_r}")
     if training_args.model_max_length <= 0:
         raise ArgumentError(f"--model_max_length must be positive, got {training_args.model_max_length}")
+    try:  # "true"/"latest" becomes the newest complete checkpoint-N in --output_dir
+        training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint,
+                                                              training_args.output_dir)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+
+
+def explain_training_error(message: str) -> str:
+    """transformers' message for an impossible TrainingArguments combination, as one line."""
+    if "support bf16" in message:
+        return ("--bf16: no GPU with bf16 support here (bf16 needs an Ampere or newer GPU); "
+                "use --fp16 (PRECISION=fp16 in the scripts) on older GPUs, or --use_cpu")
+    return " ".join(message.split())
 
 
 def looks_local(name: str) -> bool:
@@ -104,8 +119,17 @@ def parse_args(argv=None):
         index = argv.index("--deepspeed") + 1
         if index < len(argv) and not argv[index].startswith("{") and not os.path.isfile(argv[index]):
             raise ArgumentError(f"--deepspeed {argv[index]}: config file not found")
+        if index < len(argv) and not argv[index].startswith("{"):
+            try:
+                with open(argv[index], encoding="utf-8") as f:
+                    json.load(f)
+            except ValueError as e:
+                raise ArgumentError(f"--deepspeed {argv[index]}: not valid JSON ({e})") from None
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:  # TrainingArguments' own checks (bf16 support, fp16 with bf16, ...)
+        raise ArgumentError(explain_training_error(str(e))) from None
     check_arguments(model_args, data_args, training_args)
     if training_args.deepspeed and training_args.use_cpu:
         # On CPU, accelerate starts a gloo process group without telling DeepSpeed; hand it over

@@ -36,6 +36,10 @@ class DataError(Exception):
     """Bad training data; the message names the file, the record and the problem."""
 
 
+class _Unreadable(str):
+    """A record that could not be parsed (the text says why)."""
+
+
 @dataclass
 class FileCheck:
     """The outcome of checking one data file: its format, good records and every problem found."""
@@ -85,7 +89,7 @@ def _read_objects(path: str):
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as e:
-            yield number, f"malformed JSON ({e.msg}, column {e.colno})"
+            yield number, _Unreadable(f"malformed JSON ({e.msg}, column {e.colno})")
 
 
 def detect_format(record: dict) -> str | None:
@@ -153,7 +157,7 @@ def check_file(path: str, data_format: str = "auto") -> FileCheck:
     seen = Counter()
     chosen = None if data_format == "auto" else data_format
     for number, obj in _read_objects(path):
-        if isinstance(obj, str):
+        if isinstance(obj, _Unreadable):
             check.problems.append(f"{path}:{number}: {obj}")
             continue
         if not isinstance(obj, dict):
@@ -179,7 +183,40 @@ def check_file(path: str, data_format: str = "auto") -> FileCheck:
     return check
 
 
-def load_conversations(path: str, data_format: str = "auto", skip_bad_samples: bool = False, log=print):
+def check_files(paths: dict, data_format: str = "auto", skip_bad_samples: bool = False, log=print) -> dict:
+    """Check every data file before anything is loaded; one DataError lists all problems of all files.
+
+    ``paths`` maps split names to files. Returns {split: FileCheck}. Unreadable files (not UTF-8,
+    empty, malformed JSON array, unknown format) always stop; bad records stop unless
+    ``skip_bad_samples``. Warns when the validation data is the training data.
+    """
+    checks, fatal = {}, []
+    for name, path in paths.items():
+        try:
+            checks[name] = check_file(path, data_format)
+        except DataError as e:
+            fatal.append(str(e))
+    problems = fatal + [problem for check in checks.values() for problem in check.problems]  # files first
+    if fatal or (problems and not skip_bad_samples):
+        shown = problems[:MAX_LISTED_PROBLEMS]
+        more = f"\n... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        hint = "" if fatal else "\n(fix them, or pass --skip_bad_samples to drop them)"
+        raise DataError(f"{len(problems)} problem(s) in the data:\n" + "\n".join(shown) + more + hint)
+    train, valid = checks.get("train"), checks.get("eval")
+    if train and valid:
+        train_keys = {json.dumps(m, ensure_ascii=False, sort_keys=True) for _, m in train.records}
+        overlap = sum(json.dumps(m, ensure_ascii=False, sort_keys=True) in train_keys for _, m in valid.records)
+        if os.path.realpath(train.path) == os.path.realpath(valid.path) or (overlap and overlap == len(valid.records)):
+            log(f"warning: the validation data {valid.path} is the training data {train.path}; "
+                "validation loss will not show overfitting")
+        elif overlap:
+            log(f"warning: {overlap} of {len(valid.records)} validation sample(s) in {valid.path} are also "
+                f"in the training data {train.path}")
+    return checks
+
+
+def load_conversations(path: str, data_format: str = "auto", skip_bad_samples: bool = False, log=print,
+                       check: FileCheck | None = None):
     """Check a file, then load its conversations with the ``datasets`` library (cached).
 
     Returns a ``datasets.Dataset`` with one column ``messages``. Bad records stop everything
@@ -187,7 +224,7 @@ def load_conversations(path: str, data_format: str = "auto", skip_bad_samples: b
     """
     import datasets
 
-    check = check_file(path, data_format)
+    check = check or check_file(path, data_format)
     if check.problems and not skip_bad_samples:
         raise DataError(check.report() + "\n(fix them, or pass --skip_bad_samples to drop them)")
     if check.problems:

@@ -1,0 +1,121 @@
+"""Fault handling: which checkpoint to resume from, and stopping on a non-finite loss.
+
+Resuming: ``--resume_from_checkpoint PATH``, or ``true`` / ``latest`` for the newest *complete*
+checkpoint in ``--output_dir``. transformers writes ``checkpoint-N`` in place (model, optimizer,
+scheduler, RNG states, then ``trainer_state.json`` last; under DeepSpeed after a barrier), and its
+own ``get_last_checkpoint`` takes the highest N whether or not it was finished. Here a checkpoint
+counts only when its ``trainer_state.json`` parses and records step N, so a folder cut off by a
+crash mid-save is never picked.
+
+Numerical faults: ``NonFiniteLossGuard`` checks each micro-batch's loss (on every process, agreed
+with one all-reduce) and raises ``NonFiniteLossError`` before the optimizer applies a NaN/inf
+gradient, so no checkpoint after the fault is written. (transformers' default would replace the
+logged value and step on.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from transformers import TrainerCallback
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+LATEST = ("true", "latest", "last")
+NOT_RESUMING = ("", "false", "none", "no")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def checkpoint_step(path: str) -> int | None:
+    match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """A checkpoint folder whose trainer_state.json (written last) is readable and names its step."""
+    try:
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return False
+    step = checkpoint_step(path)
+    return step is None or state.get("global_step") == step
+
+
+def latest_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
+    """(the complete checkpoint with the highest step or None, the incomplete ones above it)."""
+    if not os.path.isdir(output_dir):
+        return None, []
+    found = sorted(((checkpoint_step(name), os.path.join(output_dir, name)) for name in os.listdir(output_dir)
+                    if CHECKPOINT_RE.match(name) and os.path.isdir(os.path.join(output_dir, name))), reverse=True)
+    incomplete = []
+    for _, path in found:
+        if is_complete_checkpoint(path):
+            return path, incomplete
+        incomplete.append(path)
+    return None, incomplete
+
+
+def resolve_resume(value: str | None, output_dir: str) -> str | None:
+    """The checkpoint folder that ``--resume_from_checkpoint value`` means; ValueError if there is none."""
+    if value is None or str(value).strip().lower() in NOT_RESUMING:
+        return None
+    if str(value).strip().lower() in LATEST:
+        path, incomplete = latest_checkpoint(output_dir)
+        if path is None:
+            raise ValueError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in "
+                             f"--output_dir {output_dir}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            skipped = f" (skipping incomplete {', '.join(map(os.path.basename, incomplete))})" if incomplete else ""
+            print(f"resuming from {path}{skipped}")
+        return path
+    if not os.path.isdir(value):
+        raise ValueError(f"--resume_from_checkpoint {value}: folder not found")
+    if not is_complete_checkpoint(value):
+        raise ValueError(f"--resume_from_checkpoint {value}: incomplete checkpoint (no valid trainer_state.json; "
+                         "it was probably cut off while being saved)")
+    return value
+
+
+class NonFiniteLossGuard:
+    """Trainer mixin: stop with NonFiniteLossError when any process sees a NaN/inf loss.
+
+    Checked after the backward pass of each micro-batch, before the optimizer step, so the weights
+    and every checkpoint written so far stay finite. Costs one scalar all-reduce per micro-batch
+    (the Trainer already reads the loss on the host each step for its own NaN filter).
+    """
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = (~torch.isfinite(loss.detach())).any().to(torch.float32).reshape(1)
+        if self.args.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item() > 0:
+            step = self.state.global_step + 1
+            local = loss.detach().float().mean().item()
+            what = f"loss is {local}" if not torch.isfinite(torch.tensor(local)) else "loss is not finite on another process"
+            good, _ = latest_checkpoint(self.args.output_dir)
+            kept = f"the last good checkpoint is {good}" if good else "no checkpoint was saved before it"
+            raise NonFiniteLossError(
+                f"{what} at step {step}: training stopped before the optimizer step; {kept}. "
+                "Try a lower --learning_rate, bf16 instead of fp16, or check the data")
+        return loss
+
+
+class ProcessReport(TrainerCallback):
+    """One line per process (not only the first) when training starts and ends: every node's log shows it trained."""
+
+    def _say(self, args, state, what):
+        print(f"process {args.process_index} of {args.world_size} (local rank {args.local_process_index}): "
+              f"{what} at step {state.global_step}", flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._say(args, state, "training starts")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._say(args, state, "training finished")

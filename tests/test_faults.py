@@ -1,0 +1,423 @@
+"""Faults: bad data, truncation, crash and resume, NaN losses, impossible arguments (docs/faults.md).
+
+Each subprocess runs the real `python finetune.py` on the tiny model, on the CPU; runs are shared by
+the tests that only read their results, to keep the number of start-ups small.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import QA, ROOT, conversation, run, write_jsonl
+
+GOOD = conversation(*QA[0])
+
+
+def finetune_cmd(model, train, dev, output_dir, *extra):
+    return [sys.executable, "finetune.py", "--model_name_or_path", str(model), "--train_data_path", str(train),
+            "--eval_data_path", str(dev), "--output_dir", str(output_dir), "--use_cpu", "--report_to", "none",
+            "--disable_tqdm", "true", *map(str, extra)]
+
+
+def assert_clean_failure(result, output_dir):
+    """Non-zero exit, an error line, no Python traceback, nothing written."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "error:" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert not os.path.exists(output_dir)
+
+
+# --------------------------------------------------------------------------- 1. data checks
+
+def bad_line(i):
+    """A record without a reply."""
+    return {"messages": [{"role": "user", "content": f"q{i}"}]}
+
+
+@pytest.fixture(scope="module")
+def bad_data_run(tmp_path_factory, tiny_model):
+    """One run over a train, a validation and a test file holding every record-level fault."""
+    folder = tmp_path_factory.mktemp("bad_data")
+    user, reply = QA[1]
+    records = [
+        json.dumps(GOOD, ensure_ascii=False),                                                   # 1 good
+        '{"messages": [{"role": "user", "content": "hi"}',                                      # 2 malformed
+        json.dumps({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}),  # 3
+        json.dumps({"prompt": user, "response": reply}, ensure_ascii=False),                    # 4 wrong format
+        json.dumps({"messages": [{"role": "bot", "content": user}, {"role": "assistant", "content": reply}]},
+                   ensure_ascii=False),                                                         # 5 unknown role
+        json.dumps({"messages": [{"role": "assistant", "content": reply}, {"role": "user", "content": user}]},
+                   ensure_ascii=False),                                                         # 6 out of order
+        json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply},
+                                 {"role": "user", "content": user}]}, ensure_ascii=False),      # 7 ends with user
+        json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": "  "}]},
+                   ensure_ascii=False),                                                         # 8 empty reply
+        '"just a string"',                                                                      # 9 not an object
+        json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": reply}]},
+                   ensure_ascii=False),                                                         # 10 no content
+    ]
+    (folder / "train.jsonl").write_text("\n".join(records) + "\n", encoding="utf-8")
+    # A JSON array: problems are named by item number; 25 more bad items to go past the 20 listed.
+    items = [{"input": user, "output": reply}, {"input": user, "output": 3}] + [{"input": f"q{i}"} for i in range(25)]
+    (folder / "dev.json").write_text(json.dumps(items, ensure_ascii=False, indent=1), encoding="utf-8")
+    (folder / "test.jsonl").write_bytes(json.dumps(GOOD, ensure_ascii=False).encode() + b'\n{"input": "\xff"}\n')
+    out = folder / "out"
+    result = run(finetune_cmd(tiny_model, folder / "train.jsonl", folder / "dev.json", out,
+                              "--test_data_path", folder / "test.jsonl"))
+    return folder, out, result
+
+
+BAD_RECORDS = [
+    ("train.jsonl:2:", "malformed JSON"),
+    ("train.jsonl:3:", 'message 1: "content" must be a string'),
+    ("train.jsonl:4:", 'missing "messages"'),
+    ("train.jsonl:5:", "unknown role 'bot'"),
+    ("train.jsonl:6:", "role 'assistant' out of order"),
+    ("train.jsonl:7:", "does not end with an assistant reply"),
+    ("train.jsonl:8:", "empty reply"),
+    ("train.jsonl:9:", "record is not a JSON object"),
+    ("train.jsonl:10:", 'message 1: "content" must be a string'),
+    ("dev.json:2:", '"output" must be a string'),
+    ("test.jsonl:2:", "not UTF-8"),
+]
+BAD_RECORD_IDS = ["malformed_json", "non_string_content", "wrong_format", "unknown_role", "out_of_order",
+                  "ends_with_user", "empty_reply", "not_an_object", "missing_content", "array_item_bad_field",
+                  "not_utf8"]
+
+
+@pytest.mark.parametrize("where, problem", BAD_RECORDS, ids=BAD_RECORD_IDS)
+def test_bad_record_is_named_with_file_and_line(bad_data_run, where, problem):
+    folder, out, result = bad_data_run
+    assert_clean_failure(result, out)
+    line = next((l for l in result.stderr.splitlines() if where in l), None)
+    # Lines past the first 20 are counted, not listed; these cases are among the first 20.
+    assert line is not None and problem in line, result.stderr
+    assert str(folder) in line
+
+
+def test_all_files_checked_in_one_pass_first_20_listed(bad_data_run):
+    _, out, result = bad_data_run
+    assert_clean_failure(result, out)
+    # An unreadable test file (listed first), 9 bad records in train, 26 in dev.
+    assert "36 problem(s) in the data" in result.stderr
+    listed = [l for l in result.stderr.splitlines() if ".json" in l and ":" in l]
+    assert len(listed) == 20 and "test.jsonl:2: not UTF-8" in listed[0]
+    assert 'dev.json:11: missing "output"' in listed[-1]
+    assert "... and 16 more" in result.stderr
+    assert "train.jsonl:1:" not in result.stderr  # the good record is not flagged
+
+
+def test_unreadable_files_stop_even_with_skip(tmp_path, tiny_model):
+    """Empty file and malformed JSON array: whole files, never skipped."""
+    (tmp_path / "train.jsonl").write_text("\n  \n", encoding="utf-8")
+    (tmp_path / "dev.json").write_text('[\n{"input": "a", "output": "b"},\n{"input": "a" "output": "b"}\n]')
+    out = tmp_path / "out"
+    result = run(finetune_cmd(tiny_model, tmp_path / "train.jsonl", tmp_path / "dev.json", out,
+                              "--skip_bad_samples"))
+    assert_clean_failure(result, out)
+    assert f"{tmp_path}/train.jsonl: file is empty" in result.stderr
+    assert f"{tmp_path}/dev.json:3: malformed JSON array" in result.stderr
+
+
+def test_skip_bad_samples_counts_duplicates_and_train_as_validation(tmp_path, tiny_model):
+    records = [conversation(q, a) for q, a in QA]
+    train = write_jsonl(tmp_path / "train.jsonl", records + records[:2] + [bad_line(0), {"messages": []}])
+    dev = write_jsonl(tmp_path / "dev.jsonl", records)  # a copy of the training samples under another name
+    out = tmp_path / "out"
+    result = run(finetune_cmd(tiny_model, train, dev, out, "--skip_bad_samples", "--max_steps", 1,
+                              "--save_strategy", "no"))
+    assert result.returncode == 0, result.stderr
+    text = result.stdout + result.stderr
+    assert f"skipping 2 bad record(s) in {train}" in text
+    assert f"{train} has 2 duplicated sample(s)" in text
+    assert f"the validation data {dev} is the training data {train}" in text
+    assert os.path.isfile(out / "model.safetensors")
+
+
+def test_validation_overlap_is_counted(tmp_path):
+    from minicpm_finetune.data import check_files
+
+    records = [conversation(q, a) for q, a in QA]
+    train = write_jsonl(tmp_path / "train.jsonl", records[:3])
+    dev = write_jsonl(tmp_path / "dev.jsonl", records[2:])
+    said = []
+    check_files({"train": train, "eval": dev}, log=said.append)
+    assert said == [f"warning: 1 of 2 validation sample(s) in {dev} are also in the training data {train}"]
+    said.clear()
+    check_files({"train": train, "eval": train}, log=said.append)
+    assert "is the training data" in said[0]
+
+
+# --------------------------------------------------------------------------- 2. truncation
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def learned_text(tokenizer, ids, labels):
+    """The learned tokens, as runs of text."""
+    runs, current = [], []
+    for token, label in zip(ids, labels):
+        if label != -100:
+            assert label == token  # labels are the input ids themselves (the model shifts)
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current)), current.clear()
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+TWO_TURNS = [{"role": "system", "content": "你是助手"},
+             {"role": "user", "content": QA[0][0]}, {"role": "assistant", "content": QA[0][1]},
+             {"role": "user", "content": QA[1][0]}, {"role": "assistant", "content": QA[1][1]}]
+
+
+def test_truncation_masks_a_cut_reply_whole_and_keeps_finished_ones(tokenizer):
+    from minicpm_finetune.data import encode
+
+    text = tokenizer.apply_chat_template(TWO_TURNS, tokenize=False)
+    full = tokenizer(text, add_special_tokens=False).input_ids
+    eos = tokenizer.eos_token_id
+    first_end, second_end = [i for i, t in enumerate(full) if t == eos]  # each reply ends with eos
+    assert second_end == len(full) - 1
+
+    whole = encode(tokenizer, TWO_TURNS, tokenizer.eos_token, None)
+    assert whole["input_ids"] == full and not whole["truncated"]
+    assert learned_text(tokenizer, whole["input_ids"], whole["labels"]) == [QA[0][1] + "</s>", QA[1][1] + "</s>"]
+    # Nothing before a reply is learned: system, user text, role markers and BOS are masked.
+    assert whole["labels"][0] == -100
+
+    # Room for everything: unchanged.
+    assert encode(tokenizer, TWO_TURNS, "</s>", len(full))["labels"] == whole["labels"]
+    # One token short: the second reply loses its eos and is masked whole; the first stays.
+    cut = encode(tokenizer, TWO_TURNS, "</s>", len(full) - 1)
+    assert cut["input_ids"] == full[:-1] and cut["truncated"] and cut["cut_replies"] == 1
+    assert cut["labels"] == whole["labels"][: first_end + 1] + [-100] * (len(full) - 2 - first_end)
+    # Cut right after the first reply's eos: the first reply is learned in full.
+    at = encode(tokenizer, TWO_TURNS, "</s>", first_end + 1)
+    assert at["input_ids"] == full[: first_end + 1] and at["labels"] == whole["labels"][: first_end + 1]
+    assert learned_text(tokenizer, at["input_ids"], at["labels"]) == [QA[0][1] + "</s>"]
+    # Cut inside the first reply: nothing left to learn.
+    inside = encode(tokenizer, TWO_TURNS, "</s>", first_end)
+    assert inside["num_learned"] == 0 and inside["cut_replies"] == 2
+
+
+def test_samples_with_nothing_to_learn_are_skipped_and_counted(tokenizer):
+    import datasets
+
+    from minicpm_finetune.data import tokenize_dataset
+
+    def length(messages):
+        return len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids)
+
+    first_end = length(TWO_TURNS[:3]) - 1  # the first reply's eos
+    limit = first_end + 1
+    long_reply = [{"role": "user", "content": QA[2][0]}, {"role": "assistant", "content": QA[2][1] * 4}]
+    assert length(long_reply) > limit  # its only reply is cut: nothing left to learn
+    conversations = datasets.Dataset.from_list([{"messages": TWO_TURNS}, {"messages": long_reply},
+                                                {"messages": TWO_TURNS[1:3]}])
+    dataset, stats = tokenize_dataset(conversations, tokenizer, limit)
+    assert len(dataset) == stats.samples == 2 and stats.skipped == 1 and stats.truncated == 2
+    assert [learned_text(tokenizer, row["input_ids"], row["labels"]) for row in dataset] == [[QA[0][1] + "</s>"]] * 2
+    assert stats.lengths == [length(TWO_TURNS), length(long_reply), length(TWO_TURNS[1:3])]
+    summary = stats.summary("train")
+    assert "2 truncated, 1 skipped (nothing left to learn)" in summary
+    assert f"/{max(stats.lengths)}" in summary  # the longest sample before truncation
+
+
+# --------------------------------------------------------------------------- 3. crash and resume
+
+
+def test_latest_checkpoint_ignores_incomplete_ones(tmp_path):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from minicpm_finetune.safety import latest_checkpoint, resolve_resume
+
+    for step, state in [(2, {"global_step": 2}), (4, {"global_step": 4}), (6, None), (8, "{\"global_"),
+                        (10, {"global_step": 3})]:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state if isinstance(state, str) else json.dumps(state))
+    (tmp_path / "tmp-checkpoint-12").mkdir()
+    # transformers takes the highest number, finished or not.
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    path, incomplete = latest_checkpoint(str(tmp_path))
+    assert path == str(tmp_path / "checkpoint-4")
+    assert [os.path.basename(p) for p in incomplete] == ["checkpoint-10", "checkpoint-8", "checkpoint-6"]
+    assert resolve_resume("latest", str(tmp_path)) == resolve_resume("true", str(tmp_path)) == path
+    assert resolve_resume(None, str(tmp_path)) is None and resolve_resume("false", str(tmp_path)) is None
+    with pytest.raises(ValueError, match="incomplete checkpoint"):
+        resolve_resume(str(tmp_path / "checkpoint-6"), str(tmp_path))
+
+
+def read_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def step_losses(folder):
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        return {entry["step"]: entry["loss"] for entry in json.load(f)["log_history"] if "loss" in entry}
+
+
+def test_kill_and_resume_reaches_the_same_weights_and_losses(tmp_path, tiny_model, data_dir):
+    """SIGKILL after a checkpoint, add half-written checkpoints, resume with `true`: same result as no crash."""
+    train = write_jsonl(tmp_path / "train.jsonl", [conversation(q, a) for q, a in QA] * 4)
+    dev = data_dir / "dev.jsonl"
+    # 16 samples / 2 = 8 steps an epoch: the run crosses an epoch; default (length-grouped, shuffled) order.
+    args = ["--max_steps", 12, "--save_steps", 3, "--logging_steps", 1, "--per_device_train_batch_size", 2,
+            "--learning_rate", 1e-3, "--seed", 7, "--eval_strategy", "no"]
+    straight = tmp_path / "straight"
+    result = run(finetune_cmd(tiny_model, train, dev, straight, *args))
+    assert result.returncode == 0, result.stderr
+
+    crashed = tmp_path / "crashed"
+    process = subprocess.Popen(finetune_cmd(tiny_model, train, dev, crashed, *args), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.isfile(crashed / "checkpoint-3" / "trainer_state.json") and process.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # killed before it finished
+    assert not os.path.exists(crashed / "model.safetensors")
+    # Crashes while saving: one checkpoint without its trainer_state.json, one with it cut short.
+    latest = max((p for p in os.listdir(crashed) if p.startswith("checkpoint-")), key=lambda p: int(p.split("-")[1]))
+    shutil.copytree(crashed / latest, crashed / "checkpoint-1000", ignore=shutil.ignore_patterns("trainer_state.json"))
+    shutil.copytree(crashed / latest, crashed / "checkpoint-999")
+    (crashed / "checkpoint-999" / "trainer_state.json").write_text('{"global_step": 9')
+
+    resumed = run(finetune_cmd(tiny_model, train, dev, crashed, *args, "--resume_from_checkpoint", "true"))
+    assert resumed.returncode == 0, resumed.stderr
+    chosen = [l for l in resumed.stdout.splitlines() if l.startswith("resuming from")]
+    assert chosen and "checkpoint-1000, checkpoint-999" in chosen[0] and "/checkpoint-" in chosen[0]
+
+    a, b = read_weights(straight), read_weights(crashed)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    losses, resumed_losses = step_losses(straight), step_losses(crashed)
+    assert sorted(losses) == sorted(resumed_losses) == list(range(1, 13))
+    assert all(abs(losses[s] - resumed_losses[s]) <= 1e-6 for s in losses)
+
+
+# --------------------------------------------------------------------------- 4. numerical faults
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    """The fault comes from the model: the embeddings of '☃' are inf; the 5th sample (in order) has one."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from minicpm_finetune.tiny import build_tiny
+
+    model_dir = build_tiny(str(tmp_path / "model"), [str(data_dir / "train.jsonl")], tie_word_embeddings=False)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    poison = set(tokenizer("☃", add_special_tokens=False).input_ids) - {tokenizer.convert_tokens_to_ids("▁")}
+    records = [conversation(q, a) for q, a in QA] + [conversation("☃ " + QA[0][0], QA[0][1]),
+                                                     conversation(*QA[1])]
+    for record in records[:4]:  # only the 5th sample contains the poisoned tokens
+        text = tokenizer.apply_chat_template(record["messages"], tokenize=False)
+        assert not poison & set(tokenizer(text, add_special_tokens=False).input_ids)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[sorted(poison)] = float("inf")
+    model.save_pretrained(model_dir)
+
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    out = tmp_path / "out"
+    result = run(finetune_cmd(model_dir, train, data_dir / "dev.jsonl", out, "--train_sampling_strategy",
+                              "sequential", "--per_device_train_batch_size", 1, "--save_steps", 2,
+                              "--eval_strategy", "no", "--max_steps", 6, "--learning_rate", 1e-3))
+    assert result.returncode != 0
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "loss is nan at step 5" in errors[0] and f"last good checkpoint is {out}/checkpoint-4" in errors[0]
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    assert not os.path.exists(out / "model.safetensors")  # no final model from a broken run
+    weights = read_weights(out / "checkpoint-4")
+    embed = next(k for k in weights if "embed_tokens" in k)
+    healthy = torch.ones(weights[embed].shape[0], dtype=torch.bool)
+    healthy[sorted(poison)] = False
+    assert all(torch.isfinite(w).all() for k, w in weights.items() if k != embed)
+    assert torch.isfinite(weights[embed][healthy]).all()
+
+
+# --------------------------------------------------------------------------- 7. impossible arguments
+
+
+@pytest.fixture
+def main_without_model(monkeypatch):
+    """finetune.main with model and tokenizer loading replaced by a failure: errors must come first."""
+    import finetune
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the arguments were rejected")
+
+    monkeypatch.setattr(finetune, "load_model", never)
+    monkeypatch.setattr(finetune, "load_tokenizer", never)
+    return finetune.main
+
+
+IMPOSSIBLE = [
+    ("lora flag without lora", ["--lora_r", "4"], "--lora_r given without --use_lora"),
+    ("deepspeed config missing", ["--deepspeed", "nowhere.json"], "--deepspeed nowhere.json: config file not found"),
+    ("deepspeed config broken", ["--deepspeed", "{tmp}/broken.json"], "not valid JSON"),
+    ("adapter as base model", ["--use_lora", "--model_name_or_path", "{tmp}/adapter"], "is already a LoRA adapter"),
+    ("train file missing", ["--train_data_path", "{tmp}/nope.jsonl"], "nope.jsonl: file not found"),
+    ("eval on, no eval data", ["--eval_data_path", "", "--eval_strategy", "steps"], "--eval_data_path is required"),
+    ("bf16 without bf16 hardware", ["--bf16"], "--bf16: no GPU with bf16 support"),
+    ("fp16 and bf16", ["--bf16", "--fp16", "--use_cpu"], "At most one of fp16 and bf16"),
+    ("resume path missing", ["--resume_from_checkpoint", "{tmp}/checkpoint-3"], "checkpoint-3: folder not found"),
+    ("resume half-written", ["--resume_from_checkpoint", "{tmp}/out/checkpoint-2"], "incomplete checkpoint"),
+    ("resume latest, none", ["--resume_from_checkpoint", "true", "--output_dir", "{tmp}/empty"],
+     "no complete checkpoint-N folder"),
+    ("model folder missing", ["--model_name_or_path", "{tmp}/no_model"], "no_model: folder not found"),
+]
+
+
+@pytest.mark.parametrize("case, extra, message", IMPOSSIBLE, ids=[case.replace(" ", "_").replace(",", "")
+                                                                  for case, _, _ in IMPOSSIBLE])
+def test_impossible_arguments_are_one_line_before_loading(tmp_path, data_dir, main_without_model, capsys,
+                                                          case, extra, message):
+    import torch
+
+    if "--bf16" in extra and "--fp16" not in extra and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        pytest.skip("this machine supports bf16")
+    (tmp_path / "broken.json").write_text('{"zero_optimization": {"stage": 3,}}')
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    argv = ["--model_name_or_path", str(tmp_path / "adapter"), "--train_data_path", str(data_dir / "train.jsonl"),
+            "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out"),
+            "--report_to", "none"] + [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main_without_model(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_deepspeed_configs_use_dynamic_fp16_loss_scaling():
+    """fp16 (GPUs without bf16) needs loss scaling: every DeepSpeed config scales dynamically (loss_scale 0)."""
+    configs = [os.path.join(ROOT, "configs", name) for name in os.listdir(os.path.join(ROOT, "configs"))
+               if name.startswith("ds_config")]
+    assert configs
+    for path in configs:
+        with open(path) as f:
+            fp16 = json.load(f)["fp16"]
+        assert fp16["enabled"] == "auto" and fp16["loss_scale"] == 0, path
