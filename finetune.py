@@ -103,6 +103,7 @@ def main(argv=None):
     trainer.save_state()
 
     evaluate_at_end(trainer, datasets, samples, training_args)
+    return trainer
 
 
 if __name__ == "__main__":

@@ -124,4 +124,10 @@ def parse_args(argv=None):
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     check_arguments(model_args, data_args, training_args)
+    if training_args.deepspeed and training_args.use_cpu:
+        # On CPU, accelerate starts a gloo process group without telling DeepSpeed; hand it over
+        # so that ZeRO sees the real world size.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
     return model_args, data_args, training_args

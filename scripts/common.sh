@@ -1,0 +1,39 @@
+# Shared by lora_finetune.sh and sft_finetune.sh: find the data files, check paths, pick the device.
+
+die() { echo "error: $*" >&2; exit 2; }
+
+# A hub id looks like owner/name and is not a local path; anything else must exist as a folder.
+check_model_path() {
+  if [[ -d "$1" ]]; then return; fi
+  if [[ "$1" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$ && ! "$1" =~ ^\. ]]; then return; fi
+  die "MODEL_PATH $1: folder not found"
+}
+
+# Sets TRAIN_FILE, EVAL_FILE and (if present) TEST_FILE from DATA_DIR/{train,dev,test}.json[l].
+find_data_files() {
+  local hint=""
+  [[ "$1" == data/advertisegen_chat ]] && hint=" (make it from the sample: python -m minicpm_finetune.advertisegen data/advertisegen data/advertisegen_chat)"
+  [[ -d "$1" ]] || die "DATA_DIR $1: folder not found$hint"
+  local split
+  for split in train dev test; do
+    local found=""
+    for ext in jsonl json; do
+      if [[ -f "$1/$split.$ext" ]]; then found="$1/$split.$ext"; break; fi
+    done
+    case $split in
+      train) [[ -n "$found" ]] || die "DATA_DIR $1: no train.jsonl or train.json"; TRAIN_FILE=$found ;;
+      dev) [[ -n "$found" ]] || die "DATA_DIR $1: no dev.jsonl or dev.json (a validation set is required)"; EVAL_FILE=$found ;;
+      test) TEST_FILE=$found ;;
+    esac
+  done
+}
+
+# bf16 on a GPU (PRECISION=fp16 for GPUs without bf16); fp32 with --use_cpu when there is no GPU.
+device_args() {
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "--${PRECISION:-bf16}"
+  else
+    echo "no GPU found: training on the CPU" >&2
+    echo "--use_cpu"
+  fi
+}
