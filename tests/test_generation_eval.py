@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 from conftest import run
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from minicpm_finetune.data import IGNORE_INDEX
 from minicpm_finetune.generation import eval_samples, generate_replies, stop_token_ids
@@ -30,7 +30,12 @@ def test_eval_samples_last_turn_and_every_turn():
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    # Larger random weights than the fixture's, so that each prompt gets its own greedy text and any
+    # padding leaking into attention or positions would change the tokens.
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.initializer_range = 0.5
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
     tokenizer.padding_side = "right"  # as training leaves them
     model.config.use_cache = False
     prompts = [[U1], [SYSTEM, U1, A1, U2], [{"role": "user", "content": "What is two plus two?"}], [U2], [SYSTEM, U2]]
@@ -38,7 +43,7 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_model):
     one_by_one = [generate_replies(model, tokenizer, [p], max_new_tokens=10, batch_size=1, show_progress=False)[0]
                   for p in prompts]
     assert batched == one_by_one
-    assert len(set(batched)) > 1  # the prompts really differ in what they produce
+    assert len(set(batched)) == len(prompts)  # the prompts really differ in what they produce
     # Everything it switched for generation is put back.
     assert tokenizer.padding_side == "right" and model.config.use_cache is False and model.training is False
     model.train()
@@ -130,12 +135,9 @@ def test_zero3_two_processes_match_single_process_generation(tiny_model, data_di
     from peft import PeftModel
 
     out = tmp_path / "zero3"
-    # No train_batch_size: DeepSpeed's zero.Init checks it against its own (not yet set up) world size of 1.
-    config = json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
-                         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"})
     test_file = tmp_path / "test.jsonl"
     test_file.write_text("".join((data_dir / "test.jsonl").read_text().splitlines(keepends=True)[:3]))
-    result = run(["deepspeed", "--num_gpus", "2", "--master_port", "29517", "finetune.py", "--deepspeed", config,
+    result = run(["deepspeed", "--num_gpus", "2", "--master_port", "29517", "finetune.py", "--deepspeed", "configs/ds_config_zero3.json",
                   *finetune_args(tiny_model, data_dir, out, "--test_data_path", str(test_file), "--max_steps", "2",
                                  "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "1",
                                  "--disable_tqdm", "true")])

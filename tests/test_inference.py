@@ -7,15 +7,16 @@ import sys
 
 import pytest
 from conftest import QA, ROOT, run
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from minicpm_finetune.generation import generate_replies
 
 MAX_NEW = "10"
 
 
-def finetune(tiny_model, data_dir, output_dir, *extra):
-    result = run([sys.executable, "finetune.py", "--model_name_or_path", tiny_model,
+def finetune(model_path, data_dir, output_dir, *extra):
+    result = run([sys.executable, "finetune.py", "--model_name_or_path", model_path,
                   "--train_data_path", str(data_dir / "train.jsonl"), "--eval_data_path", str(data_dir / "dev.jsonl"),
                   "--output_dir", str(output_dir), "--use_cpu", "--report_to", "none", "--save_strategy", "no",
                   "--eval_strategy", "no", "--eval_generation", "false", "--max_steps", "6",
@@ -31,9 +32,21 @@ def infer(*args, stdin=None):
 
 
 @pytest.fixture(scope="module")
-def lora_adapter(tiny_model, data_dir, tmp_path_factory):
-    """A LoRA adapter trained hard enough (lr 1e-2) to change what the model says."""
-    return finetune(tiny_model, data_dir, tmp_path_factory.mktemp("lora") / "out", "--use_lora",
+def base_model(tiny_model, tmp_path_factory):
+    """The tiny model with larger random weights: its greedy text varies with the prompt and with any
+    change of weights (the fixture's says the same thing to everything), so a lost adapter would show."""
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.initializer_range = 0.5
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("base") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(base_model, data_dir, tmp_path_factory):
+    return finetune(base_model, data_dir, tmp_path_factory.mktemp("lora") / "out", "--use_lora",
                     "--lora_target_modules", "q_proj,v_proj", "--learning_rate", "1e-2")
 
 
@@ -48,31 +61,31 @@ def in_process(model_dir, prompts, adapter=None):
     return generate_replies(model, tokenizer, prompts, max_new_tokens=int(MAX_NEW), show_progress=False)
 
 
-def test_lora_adapter_and_merged_model_give_the_same_text(tiny_model, lora_adapter, tmp_path):
+def test_lora_adapter_and_merged_model_give_the_same_text(base_model, lora_adapter, tmp_path):
     from peft import PeftModel
 
     # Merge here (python -m minicpm_finetune.export merge is being written elsewhere).
     merged = tmp_path / "merged"
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), lora_adapter)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), lora_adapter)
     model.merge_and_unload().save_pretrained(merged)
     AutoTokenizer.from_pretrained(lora_adapter).save_pretrained(merged)
 
     prompt = QA[1][0]
     replies = []
     for args in (["--model_name_or_path", lora_adapter],  # base read from adapter_config.json
-                 ["--model_name_or_path", tiny_model, "--adapter", lora_adapter],
+                 ["--model_name_or_path", base_model, "--adapter", lora_adapter],
                  ["--model_name_or_path", str(merged)]):
         result = infer(*args, "--prompt", prompt)
         assert result.returncode == 0, result.stderr[-3000:]
         replies.append(result.stdout.rstrip("\n"))
-    expected = in_process(tiny_model, [[{"role": "user", "content": prompt}]], adapter=lora_adapter)[0]
+    expected = in_process(base_model, [[{"role": "user", "content": prompt}]], adapter=lora_adapter)[0]
     assert replies == [expected] * 3
     # The adapter really is applied: the base model alone says something else.
-    assert in_process(tiny_model, [[{"role": "user", "content": prompt}]])[0] != expected
+    assert in_process(base_model, [[{"role": "user", "content": prompt}]])[0] != expected
 
 
-def test_full_finetune_output_batch_file_predictions_and_metrics(tiny_model, data_dir, tmp_path):
-    full = finetune(tiny_model, data_dir, tmp_path / "full", "--learning_rate", "1e-3")
+def test_full_finetune_output_batch_file_predictions_and_metrics(base_model, data_dir, tmp_path):
+    full = finetune(base_model, data_dir, tmp_path / "full", "--learning_rate", "1e-3")
     predictions, metrics_file = tmp_path / "pred.jsonl", tmp_path / "scores.json"
     result = infer("--model_name_or_path", full, "--input_file", str(data_dir / "test.jsonl"),
                    "--output_file", str(predictions), "--metrics_file", str(metrics_file), "--batch_size", "3")
@@ -81,7 +94,9 @@ def test_full_finetune_output_batch_file_predictions_and_metrics(tiny_model, dat
     prompts = [[{"role": "user", "content": q}] for q, _ in QA]
     assert [row["input"] for row in rows] == prompts
     assert [row["reference"] for row in rows] == [a for _, a in QA]
-    assert [row["prediction"] for row in rows] == in_process(full, prompts)
+    expected = in_process(full, prompts)
+    assert [row["prediction"] for row in rows] == expected
+    assert expected != in_process(base_model, prompts)  # it is the trained model that answered
     metrics = json.loads(metrics_file.read_text())
     assert set(metrics) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "num_samples"} and metrics["num_samples"] == 4
     assert '"rouge-1"' in result.stdout  # printed too
@@ -98,7 +113,7 @@ def test_prompt_only_file_gives_predictions_without_metrics(tiny_model, tmp_path
     assert not (tmp_path / "out.metrics.json").exists()
 
 
-def test_interactive_chat_keeps_history_until_clear(tiny_model, lora_adapter):
+def test_interactive_chat_keeps_history_until_clear(base_model, lora_adapter):
     first, second = QA[0][0], QA[2][0]
     result = infer("--model_name_or_path", lora_adapter, stdin=f"{first}\n{second}\nclear\n{second}\nexit\nnever read\n")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -106,7 +121,7 @@ def test_interactive_chat_keeps_history_until_clear(tiny_model, lora_adapter):
     assert len(replies) == 3 and "(history cleared)" in result.stdout
     user = [{"role": "user", "content": first}]
     turn_two = user + [{"role": "assistant", "content": replies[0]}, {"role": "user", "content": second}]
-    expected = in_process(tiny_model, [user, turn_two, [{"role": "user", "content": second}]], adapter=lora_adapter)
+    expected = in_process(base_model, [user, turn_two, [{"role": "user", "content": second}]], adapter=lora_adapter)
     assert replies == expected  # the second turn saw the first; after clear it did not
 
 
