@@ -55,6 +55,19 @@ class TrainingArguments(transformers.TrainingArguments):
     train_sampling_strategy: str = field(default="group_by_length", metadata={
         "help": "random, sequential, group_by_length (default here) or batch_rebalance"})
     logging_steps: float = field(default=10)
+    # Generation-based evaluation (ROUGE-1/2/L, BLEU-4) at each evaluation and on the test set after training.
+    eval_generation: bool = field(default=True, metadata={
+        "help": "generate replies for the validation set at each evaluation and log ROUGE/BLEU "
+                "(--eval_generation false: loss only)"})
+    eval_num_samples: int | None = field(default=None, metadata={
+        "help": "score the first N validation samples during training (default: all; the test set is always whole)"})
+    eval_every_turn: bool = field(default=False, metadata={
+        "help": "every assistant turn of a conversation is a sample (default: the last one)"})
+    max_new_tokens: int = field(default=128, metadata={"help": "longest generated reply in tokens"})
+    generation_num_beams: int = field(default=1, metadata={"help": "beam search width (1: greedy)"})
+    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with --do_sample)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold (with --do_sample)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -89,6 +102,10 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise ArgumentError(f"--lora_r must be positive, got {model_args.lora_r}")
     if training_args.model_max_length <= 0:
         raise ArgumentError(f"--model_max_length must be positive, got {training_args.model_max_length}")
+    if training_args.eval_num_samples is not None and training_args.eval_num_samples <= 0:
+        raise ArgumentError(f"--eval_num_samples must be positive, got {training_args.eval_num_samples}")
+    if training_args.max_new_tokens <= 0:
+        raise ArgumentError(f"--max_new_tokens must be positive, got {training_args.max_new_tokens}")
     try:  # "true"/"latest" becomes the newest complete checkpoint-N in --output_dir
         training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint,
                                                               training_args.output_dir)

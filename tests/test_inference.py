@@ -1,0 +1,140 @@
+"""inference.py: the same greedy text from a LoRA adapter, its merged model and a full fine-tune output;
+stdin chat; predictions and metrics over a file; one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import QA, ROOT, run
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from minicpm_finetune.generation import generate_replies
+
+MAX_NEW = "10"
+
+
+def finetune(model_path, data_dir, output_dir, *extra):
+    result = run([sys.executable, "finetune.py", "--model_name_or_path", model_path,
+                  "--train_data_path", str(data_dir / "train.jsonl"), "--eval_data_path", str(data_dir / "dev.jsonl"),
+                  "--output_dir", str(output_dir), "--use_cpu", "--report_to", "none", "--save_strategy", "no",
+                  "--eval_strategy", "no", "--eval_generation", "false", "--max_steps", "6",
+                  "--per_device_train_batch_size", "4", *extra])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return str(output_dir)
+
+
+def infer(*args, stdin=None):
+    """Run inference.py (greedy, short replies); ``stdin`` is piped in for the chat mode."""
+    return subprocess.run([sys.executable, "inference.py", "--max_new_tokens", MAX_NEW, *args], cwd=ROOT,
+                          input=stdin, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def base_model(tiny_model, tmp_path_factory):
+    """The tiny model with larger random weights: its greedy text varies with the prompt and with any
+    change of weights (the fixture's says the same thing to everything), so a lost adapter would show."""
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.initializer_range = 0.5
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("base") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(base_model, data_dir, tmp_path_factory):
+    return finetune(base_model, data_dir, tmp_path_factory.mktemp("lora") / "out", "--use_lora",
+                    "--lora_target_modules", "q_proj,v_proj", "--learning_rate", "1e-2")
+
+
+def in_process(model_dir, prompts, adapter=None):
+    """Greedy replies generated here, from the folder's own tokenizer (it carries the chat template)."""
+    tokenizer = AutoTokenizer.from_pretrained(adapter or model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return generate_replies(model, tokenizer, prompts, max_new_tokens=int(MAX_NEW), show_progress=False)
+
+
+def test_lora_adapter_and_merged_model_give_the_same_text(base_model, lora_adapter, tmp_path):
+    from peft import PeftModel
+
+    # Merge here (python -m minicpm_finetune.export merge is being written elsewhere).
+    merged = tmp_path / "merged"
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), lora_adapter)
+    model.merge_and_unload().save_pretrained(merged)
+    AutoTokenizer.from_pretrained(lora_adapter).save_pretrained(merged)
+
+    prompt = QA[1][0]
+    replies = []
+    for args in (["--model_name_or_path", lora_adapter],  # base read from adapter_config.json
+                 ["--model_name_or_path", base_model, "--adapter", lora_adapter],
+                 ["--model_name_or_path", str(merged)]):
+        result = infer(*args, "--prompt", prompt)
+        assert result.returncode == 0, result.stderr[-3000:]
+        replies.append(result.stdout.rstrip("\n"))
+    expected = in_process(base_model, [[{"role": "user", "content": prompt}]], adapter=lora_adapter)[0]
+    assert replies == [expected] * 3
+    # The adapter really is applied: the base model alone says something else.
+    assert in_process(base_model, [[{"role": "user", "content": prompt}]])[0] != expected
+
+
+def test_full_finetune_output_batch_file_predictions_and_metrics(base_model, data_dir, tmp_path):
+    full = finetune(base_model, data_dir, tmp_path / "full", "--learning_rate", "1e-3")
+    predictions, metrics_file = tmp_path / "pred.jsonl", tmp_path / "scores.json"
+    result = infer("--model_name_or_path", full, "--input_file", str(data_dir / "test.jsonl"),
+                   "--output_file", str(predictions), "--metrics_file", str(metrics_file), "--batch_size", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
+    prompts = [[{"role": "user", "content": q}] for q, _ in QA]
+    assert [row["input"] for row in rows] == prompts
+    assert [row["reference"] for row in rows] == [a for _, a in QA]
+    expected = in_process(full, prompts)
+    assert [row["prediction"] for row in rows] == expected
+    assert expected != in_process(base_model, prompts)  # it is the trained model that answered
+    metrics = json.loads(metrics_file.read_text())
+    assert set(metrics) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "num_samples"} and metrics["num_samples"] == 4
+    assert '"rouge-1"' in result.stdout  # printed too
+
+
+def test_prompt_only_file_gives_predictions_without_metrics(tiny_model, tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"input": "你好"}\n{"messages": [{"role": "user", "content": "推荐一条裙子"}]}\n', encoding="utf-8")
+    result = infer("--model_name_or_path", tiny_model, "--input_file", str(data), "--output_file",
+                   str(tmp_path / "out.jsonl"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [row["reference"] for row in rows] == [None, None] and rows[1]["input"][0]["content"] == "推荐一条裙子"
+    assert not (tmp_path / "out.metrics.json").exists()
+
+
+def test_interactive_chat_keeps_history_until_clear(base_model, lora_adapter):
+    first, second = QA[0][0], QA[2][0]
+    result = infer("--model_name_or_path", lora_adapter, stdin=f"{first}\n{second}\nclear\n{second}\nexit\nnever read\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    replies = [line.removeprefix("Assistant: ") for line in result.stdout.splitlines() if line.startswith("Assistant: ")]
+    assert len(replies) == 3 and "(history cleared)" in result.stdout
+    user = [{"role": "user", "content": first}]
+    turn_two = user + [{"role": "assistant", "content": replies[0]}, {"role": "user", "content": second}]
+    expected = in_process(base_model, [user, turn_two, [{"role": "user", "content": second}]], adapter=lora_adapter)
+    assert replies == expected  # the second turn saw the first; after clear it did not
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model_name_or_path", "/no/such/model"], "--model_name_or_path /no/such/model: folder not found"),
+    (["--model_name_or_path", "TINY", "--adapter", "/no/such/adapter"], "--adapter /no/such/adapter: folder not found"),
+    (["--model_name_or_path", "TINY", "--adapter", "TINY"], "not a LoRA adapter"),
+    (["--model_name_or_path", "TINY", "--input_file", "/no/such.jsonl", "--output_file", "x.jsonl"],
+     "--input_file /no/such.jsonl: file not found"),
+    (["--model_name_or_path", "TINY", "--max_new_tokens", "lots"], "invalid int value"),
+])
+def test_bad_arguments_exit_2_with_one_line(tiny_model, args, message):
+    result = run([sys.executable, "inference.py", *[tiny_model if a == "TINY" else a for a in args]])
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
