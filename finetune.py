@@ -15,6 +15,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 from minicpm_finetune.arguments import ArgumentError, parse_args
 from minicpm_finetune.data import IGNORE_INDEX, DataError, load_conversations, tokenize_dataset
 from minicpm_finetune.model import load_model, load_tokenizer
+from minicpm_finetune.packing import PackingCollator, pack_dataset, packing_summary
 
 
 def fail(message: str) -> None:
@@ -57,6 +58,16 @@ def main(argv=None):
     except (DataError, ValueError, OSError) as e:
         fail(str(e))
 
+    # Pad each batch to its own longest sample, never to model_max_length; or pack samples into full rows.
+    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
+    if training_args.packing:
+        packed = pack_dataset(datasets["train"], training_args.model_max_length)
+        if training_args.process_index == 0:
+            print(packing_summary(datasets["train"], packed, training_args.model_max_length))
+        datasets["train"] = packed
+        flash = (model_args.attn_implementation or "").startswith("flash_attention")
+        collator = PackingCollator(tokenizer, flatten=flash, fallback=collator)
+
     model = load_model(model_args, training_args)
     trainer = Trainer(
         model=model,
@@ -64,8 +75,7 @@ def main(argv=None):
         train_dataset=datasets["train"],
         eval_dataset=datasets["eval"],
         processing_class=tokenizer,
-        # Pad each batch to its own longest sample, never to model_max_length.
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX),
+        data_collator=collator,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()  # LoRA: the adapter; full: the whole model (gathered under ZeRO-3); both + tokenizer

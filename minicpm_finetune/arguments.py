@@ -34,6 +34,8 @@ class ModelArguments:
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
     lora_target_modules: str | None = field(default=None, metadata={
         "help": "comma-separated module names or all-linear (default: q_proj,v_proj for MiniCPM/Llama)"})
+    qlora: bool = field(default=False, metadata={
+        "help": "QLoRA: base weights in 4-bit NF4 (bitsandbytes, CUDA only), LoRA adapter in fp32; implies --use_lora"})
 
 
 @dataclass
@@ -53,6 +55,9 @@ class TrainingArguments(transformers.TrainingArguments):
     train_sampling_strategy: str = field(default="group_by_length", metadata={
         "help": "random, sequential, group_by_length (default here) or batch_rebalance"})
     logging_steps: float = field(default=10)
+    packing: bool = field(default=False, metadata={
+        "help": "pack training samples into rows of up to model_max_length tokens (no padding; attention and "
+                "labels stay inside each sample); per_device_train_batch_size then counts rows"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,6 +79,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         path = getattr(data_args, name)
         if path and not os.path.isfile(path):
             raise ArgumentError(f"--{name} {path}: file not found")
+    if model_args.qlora:
+        check_qlora(training_args)
     if looks_local(model_args.model_name_or_path) and not os.path.isdir(model_args.model_name_or_path):
         raise ArgumentError(f"--model_name_or_path {model_args.model_name_or_path}: folder not found")
     if not model_args.use_lora:
@@ -87,6 +94,18 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise ArgumentError(f"--lora_r must be positive, got {model_args.lora_r}")
     if training_args.model_max_length <= 0:
         raise ArgumentError(f"--model_max_length must be positive, got {training_args.model_max_length}")
+
+
+def check_qlora(training_args) -> None:
+    """4-bit QLoRA needs bitsandbytes and a CUDA GPU: say so before anything is loaded."""
+    import importlib.util
+
+    import torch
+
+    if training_args.use_cpu or not torch.cuda.is_available():
+        raise ArgumentError("--qlora needs a CUDA GPU (bitsandbytes 4-bit weights); use --use_lora on CPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ArgumentError("--qlora needs bitsandbytes: pip install bitsandbytes")
 
 
 def looks_local(name: str) -> bool:
@@ -106,6 +125,7 @@ def parse_args(argv=None):
             raise ArgumentError(f"--deepspeed {argv[index]}: config file not found")
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args.use_lora = model_args.use_lora or model_args.qlora  # QLoRA is LoRA over 4-bit weights
     check_arguments(model_args, data_args, training_args)
     if training_args.deepspeed and training_args.use_cpu:
         # On CPU, accelerate starts a gloo process group without telling DeepSpeed; hand it over
