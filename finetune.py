@@ -86,6 +86,7 @@ def main(argv=None):
         if trainer.is_world_process_zero():
             with open(os.path.join(training_args.output_dir, "test_metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=2)
+    return trainer
 
 
 if __name__ == "__main__":

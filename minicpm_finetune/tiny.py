@@ -78,13 +78,7 @@ def build_tokenizer(output_dir: str, texts: list[str], chat_template: str = "min
 
 def tiny_config(vocab_size: int, bos_token_id: int = 1, eos_token_id: int = 2, **overrides):
     """A small MiniCPM config with MiniCPM-2B's structure and non-trivial scalings."""
-    try:
-        from .configuration_minicpm import MiniCPMConfig
-    except ImportError:  # TEMPORARY until the native model lands: a Llama stand-in without the scalings
-        from transformers import LlamaConfig
-
-        def MiniCPMConfig(scale_emb, dim_model_base, scale_depth, **kw):
-            return LlamaConfig(**kw)
+    from .configuration_minicpm import MiniCPMConfig
 
     settings = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,

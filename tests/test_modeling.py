@@ -1,0 +1,358 @@
+"""Native MiniCPM: architecture (via the exact Llama folding), loading official-layout folders,
+attention backends, padding, packing, the chunked loss, and LoRA training."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+import minicpm_finetune  # noqa: F401  registers model_type "minicpm"
+from minicpm_finetune.configuration_minicpm import MiniCPMConfig
+from minicpm_finetune.export import fold_into_llama
+from minicpm_finetune.loss import causal_lm_loss
+from minicpm_finetune.modeling_minicpm import MiniCPMForCausalLM, default_lora_target_modules
+
+VOCAB = 300
+
+
+def tiny_config(tied=True, **overrides) -> MiniCPMConfig:
+    fields = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        scale_emb=12,
+        dim_model_base=16,
+        scale_depth=1.4,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    return MiniCPMConfig(**fields)
+
+
+def tiny_model(tied=True, seed=0, **overrides) -> MiniCPMForCausalLM:
+    torch.manual_seed(seed)
+    return MiniCPMForCausalLM(tiny_config(tied, **overrides)).eval()
+
+
+def random_ids(batch, length, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+
+
+def greedy(model, input_ids, **kwargs):
+    return model.generate(
+        input_ids, max_new_tokens=10, do_sample=False, min_new_tokens=10, pad_token_id=0, **kwargs
+    )
+
+
+# ---------------------------------------------------------------- architecture
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_llama_folding_gives_same_logits_and_generation(tied):
+    model = tiny_model(tied)
+    llama = fold_into_llama(model)
+    assert isinstance(llama, LlamaForCausalLM) and not llama.config.tie_word_embeddings
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(llama(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+    prompt = ids[:1, :6]
+    assert torch.equal(greedy(llama, prompt), greedy(model, prompt))
+
+
+def test_scalings_are_applied():
+    """Changing each muP scaling changes the logits (they are not silently ignored)."""
+    ids = random_ids(1, 8)
+    base = tiny_model()(ids).logits
+    for field, value in (("scale_emb", 1.0), ("scale_depth", 2.0), ("dim_model_base", 64)):
+        assert not torch.allclose(tiny_model(**{field: value})(ids).logits, base, atol=1e-4), field
+
+
+def test_tied_and_untied_heads():
+    tied, untied = tiny_model(True), tiny_model(False)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+def test_official_rope_keys_become_rope_parameters():
+    config = tiny_config(rope_theta=50000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    assert config.rope_parameters["rope_theta"] == 50000.0
+    assert config.rope_parameters["rope_type"] == "linear"
+    half_head = config.head_dim // 2
+    longrope = {
+        "rope_type": "longrope",
+        "short_factor": [1.0] * half_head,
+        "long_factor": [2.0] * half_head,
+        "original_max_position_embeddings": 128,
+    }
+    model = MiniCPMForCausalLM(tiny_config(rope_scaling=longrope)).eval()
+    assert model.model.rotary_emb.rope_type == "longrope"
+    assert model(random_ids(1, 8)).logits.isfinite().all()
+
+
+def test_logits_to_keep():
+    model = tiny_model()
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        full = model(ids).logits
+        last = model(ids, logits_to_keep=1).logits
+    assert last.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def write_official_layout(model, folder, fmt):
+    """A folder shaped like an official MiniCPM-2B checkpoint: remote-code auto_map whose files do
+    not exist, legacy rope keys, tied head stored only as the embedding."""
+    config = model.config
+    config_json = {
+        "architectures": ["MiniCPMForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_minicpm.MiniCPMConfig",
+            "AutoModel": "modeling_minicpm.MiniCPMModel",
+            "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM",
+            "AutoModelForSeq2SeqLM": "modeling_minicpm.MiniCPMForCausalLM",
+        },
+        "model_type": "minicpm",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": config.hidden_size,
+        "initializer_range": 0.1,
+        "intermediate_size": config.intermediate_size,
+        "max_position_embeddings": config.max_position_embeddings,
+        "num_attention_heads": config.num_attention_heads,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_key_value_heads": config.num_key_value_heads,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "torch_dtype": "float32",
+        "transformers_version": "4.36.0",
+        "use_cache": True,
+        "vocab_size": config.vocab_size,
+        "scale_emb": config.scale_emb,
+        "dim_model_base": config.dim_model_base,
+        "scale_depth": config.scale_depth,
+        "tie_word_embeddings": config.tie_word_embeddings,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config_json, indent=2))
+    state = {name: tensor.clone().contiguous() for name, tensor in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        del state["lm_head.weight"]
+    if fmt == "safetensors":
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_official_layout_loads_natively(tmp_path, fmt, tied):
+    model = tiny_model(tied)
+    folder = write_official_layout(model, tmp_path / "official", fmt)
+    ids = random_ids(2, 12)
+    expected = model(ids).logits
+    # No trust_remote_code: the registered native class wins over auto_map...
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(loaded) is MiniCPMForCausalLM
+    torch.testing.assert_close(loaded.eval()(ids).logits, expected, atol=0, rtol=0)
+    # ...and also when the caller does trust remote code (the remote files would not import anyway).
+    assert type(AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)) is MiniCPMForCausalLM
+    assert type(AutoConfig.from_pretrained(folder)) is MiniCPMConfig
+
+
+def test_save_load_round_trip(tmp_path):
+    model = tiny_model(tied=False)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    assert type(loaded) is MiniCPMForCausalLM
+    assert loaded.config.to_dict()["rope_parameters"] == model.config.to_dict()["rope_parameters"]
+    ids = random_ids(2, 12)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_llama_and_minicpm3_folders_load_through_auto_class(tmp_path):
+    from transformers import MiniCPM3Config
+
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2)
+    )
+    llama.save_pretrained(tmp_path / "llama")
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "llama")) is LlamaForCausalLM
+
+    minicpm3_config = MiniCPM3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+        v_head_dim=16,
+    )
+    AutoModelForCausalLM.from_config(minicpm3_config).save_pretrained(tmp_path / "minicpm3")
+    minicpm3 = AutoModelForCausalLM.from_pretrained(tmp_path / "minicpm3")
+    assert minicpm3.config.model_type == "minicpm3"
+    module_names = {name.rsplit(".", 1)[-1] for name, _ in minicpm3.named_modules()}
+    assert set(default_lora_target_modules(minicpm3)) <= module_names
+    assert default_lora_target_modules(llama.config) == ["q_proj", "v_proj"]
+    assert default_lora_target_modules(tiny_config()) == ["q_proj", "v_proj"]
+
+
+# ---------------------------------------------------------------- attention
+
+
+def test_eager_and_sdpa_agree_on_logits_and_gradients():
+    eager = tiny_model(attn_implementation="eager")
+    sdpa = tiny_model(attn_implementation="sdpa")
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    ids = random_ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # one left-padded row exercises the padding mask in both kernels
+    outputs = []
+    for model in (eager, sdpa):
+        logits = model(ids, attention_mask=mask).logits
+        (logits[mask.bool()] ** 2).mean().backward()
+        outputs.append((logits, {name: p.grad for name, p in model.named_parameters()}))
+    (eager_logits, eager_grads), (sdpa_logits, sdpa_grads) = outputs
+    valid = mask.bool()
+    torch.testing.assert_close(sdpa_logits[valid], eager_logits[valid], atol=1e-5, rtol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(sdpa_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_left_padded_batch_generation_matches_single_samples():
+    model = tiny_model()
+    prompts = [random_ids(1, 7, seed=3)[0], random_ids(1, 4, seed=4)[0]]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = prompt
+        attention_mask[row, width - len(prompt) :] = 1
+    batch = greedy(model, input_ids, attention_mask=attention_mask)
+    for row, prompt in enumerate(prompts):
+        alone = greedy(model, prompt[None])
+        assert torch.equal(batch[row, width:], alone[0, len(prompt) :]), row
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_row_keeps_attention_inside_each_sample(attn):
+    model = tiny_model(attn_implementation=attn)
+    first, second = random_ids(1, 9, seed=5), random_ids(1, 6, seed=6)
+    packed = torch.cat([first, second], dim=1)
+    position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None]
+    with torch.no_grad():
+        packed_logits = model(packed, position_ids=position_ids, attention_mask=None).logits
+        alone = torch.cat([model(first).logits, model(second).logits], dim=1)
+    torch.testing.assert_close(packed_logits, alone, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------- loss
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 8, 1000])
+@pytest.mark.parametrize("with_num_items", [False, True])
+def test_chunked_loss_matches_full_logits_loss(chunk_size, with_num_items):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, dtype=torch.float64).float().requires_grad_()
+    head = torch.nn.Linear(16, 50, bias=False)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :3] = -100
+    labels[1, 7] = -100  # 16 labelled tokens after the shift minus ignored ones
+    num_items = torch.tensor(23) if with_num_items else None
+
+    expected = ForCausalLMLoss(head(hidden), labels, 50, num_items_in_batch=num_items)
+    expected_grads = torch.autograd.grad(expected, (hidden, head.weight))
+    loss = causal_lm_loss(hidden, head, labels, num_items_in_batch=num_items, chunk_size=chunk_size)
+    grads = torch.autograd.grad(loss, (hidden, head.weight))
+
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-6)
+    # A bare weight matrix works the same as the module.
+    torch.testing.assert_close(causal_lm_loss(hidden, head.weight, labels, num_items, chunk_size), loss)
+
+
+def test_chunked_loss_does_not_keep_chunk_logits_for_backward():
+    """Saved activations stay far below one full (tokens x vocab) logits tensor."""
+    hidden = torch.randn(1, 512, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 4096, bias=False)
+    labels = torch.randint(0, 4096, (1, 512))
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_lm_loss(hidden, head, labels, chunk_size=64)
+    assert sum(saved) < 512 * 4096 / 4
+
+
+def test_model_loss_equals_cross_entropy_of_its_logits():
+    model = tiny_model()
+    ids = random_ids(2, 12)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    output = model(ids, labels=labels)
+    assert output.logits is None
+    logits = model(ids).logits
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(output.loss, expected, atol=1e-6, rtol=1e-6)
+    with_count = model(ids, labels=labels, num_items_in_batch=torch.tensor(40)).loss
+    torch.testing.assert_close(with_count, expected * 16 / 40, atol=1e-6, rtol=1e-6)
+
+
+def test_lora_with_gradient_checkpointing_trains():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model(num_hidden_layers=2)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+    model.train()
+    ids = random_ids(4, 16)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    losses = []
+    for _ in range(20):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert math.isfinite(losses[-1]) and losses[-1] < 0.9 * losses[0], losses
+
+
+def test_loss_goes_through_a_peft_wrapped_lm_head():
+    """The chunked loss calls lm_head as a module, so a LoRA on the head is part of the loss."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_model(tied=False), LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False)
+    )
+    ids = random_ids(2, 10)
+    logits = model(input_ids=ids).logits
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+    loss = model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if "lora_" in name)
