@@ -117,17 +117,23 @@ class PackingCollator:
     is what flash attention's varlen path reads from ``position_ids``; use it with flash_attention_2/3
     only, since SDPA/eager would build one dense mask over the whole batch.
 
+    ``pad_to_multiple_of`` (64) rounds the batch width up: with a width that changed every batch, the
+    full-vocabulary logits of a stock loss went through the CUDA caching allocator at 4.4k tokens/s against
+    14.2k with widths rounded to 64 (MiniCPM-2B, LoRA, 8 rows of 512, H200).
+
     Features without ``position_ids`` (an unpacked validation set) go to ``fallback``, by default
     ``DataCollatorForSeq2Seq(padding="longest")`` when a tokenizer is given.
     """
 
-    def __init__(self, tokenizer=None, pad_token_id: int | None = None, flatten: bool = False, fallback=None):
+    def __init__(self, tokenizer=None, pad_token_id: int | None = None, flatten: bool = False, fallback=None,
+                 pad_to_multiple_of: int | None = 64):
         if pad_token_id is None:
             if tokenizer is None:
                 raise ValueError("PackingCollator needs a tokenizer or a pad_token_id")
             pad_token_id = tokenizer.pad_token_id
         self.pad_token_id = pad_token_id
         self.flatten = flatten
+        self.pad_to_multiple_of = pad_to_multiple_of
         if fallback is None and tokenizer is not None:
             from transformers import DataCollatorForSeq2Seq
 
@@ -147,6 +153,8 @@ class PackingCollator:
             batch = {k: np.concatenate([r[k] for r in rows])[None] for k in keys}
         else:
             width = max(len(r["input_ids"]) for r in rows)
+            if self.pad_to_multiple_of:
+                width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
             batch = {"input_ids": np.full((len(rows), width), self.pad_token_id, dtype=np.int64),
                      "labels": np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64),
                      "position_ids": np.tile(np.arange(width, dtype=np.int64), (len(rows), 1))}

@@ -44,7 +44,7 @@ def samples(tmp_path_factory, tokenizer):
 def fp32_model(path, attn="sdpa"):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
-    model.config.use_cache = False  # as model.load_model sets it: with a cache, Llama ignores packed position_ids
+    model.config.use_cache = False  # as model.load_model sets it (with a cache, LlamaModel ignores packed position_ids)
     return model.train()  # no dropout in these models; train() as the Trainer runs them
 
 
@@ -209,7 +209,7 @@ def test_bf16_lora_keeps_adapters_in_fp32(tiny_model, data_dir, tmp_path):
 
     model_args, _, training_args = parse_args(train_args(
         tiny_model, data_dir, tmp_path, "--bf16", "--use_lora", "--lora_target_modules", "q_proj,v_proj",
-        "--gradient_checkpointing"))
+        "--activation_checkpointing"))
     model = load_model(model_args, training_args)
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
     base = {n: p for n, p in model.named_parameters() if "lora_" not in n}
