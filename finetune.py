@@ -16,6 +16,7 @@ from minicpm_finetune.curves import plot_training_curves
 from minicpm_finetune.data import IGNORE_INDEX, DataError, check_files, load_conversations, tokenize_dataset
 from minicpm_finetune.generation import eval_samples, generation_kwargs, save_metrics, save_predictions
 from minicpm_finetune.model import load_model, load_tokenizer
+from minicpm_finetune.packing import PackingCollator, pack_dataset, packing_summary
 from minicpm_finetune.safety import NonFiniteLossError, ProcessReport
 from minicpm_finetune.trainer import MiniCPMTrainer
 
@@ -84,6 +85,16 @@ def main(argv=None):
     except (DataError, ValueError, OSError) as e:
         fail(str(e))
 
+    # Pad each batch to its own longest sample, never to model_max_length; or pack samples into full rows.
+    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
+    if training_args.packing:
+        packed = pack_dataset(datasets["train"], training_args.model_max_length)
+        if training_args.process_index == 0:
+            print(packing_summary(datasets["train"], packed, training_args.model_max_length))
+        datasets["train"] = packed
+        flash = (model_args.attn_implementation or "").startswith("flash_attention")
+        collator = PackingCollator(tokenizer, flatten=flash, fallback=collator)
+
     model = load_model(model_args, training_args)
     trainer = MiniCPMTrainer(
         model=model,
@@ -91,8 +102,7 @@ def main(argv=None):
         train_dataset=datasets["train"],
         eval_dataset=datasets["eval"],
         processing_class=tokenizer,
-        # Pad each batch to its own longest sample, never to model_max_length.
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX),
+        data_collator=collator,
         # ROUGE/BLEU of generated replies next to the validation loss at each evaluation.
         generation_samples=samples["eval"][:training_args.eval_num_samples] if training_args.eval_generation else None,
         generation_config=dict(max_new_tokens=training_args.max_new_tokens, **generation_kwargs(

@@ -36,6 +36,8 @@ class ModelArguments:
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
     lora_target_modules: str | None = field(default=None, metadata={
         "help": "comma-separated module names or all-linear (default: q_proj,v_proj for MiniCPM/Llama)"})
+    qlora: bool = field(default=False, metadata={
+        "help": "QLoRA: base weights in 4-bit NF4 (bitsandbytes, CUDA only), LoRA adapter in fp32; implies --use_lora"})
 
 
 @dataclass
@@ -68,6 +70,9 @@ class TrainingArguments(transformers.TrainingArguments):
     do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (with --do_sample)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold (with --do_sample)"})
+    packing: bool = field(default=False, metadata={
+        "help": "pack training samples into rows of up to model_max_length tokens (no padding; attention and "
+                "labels stay inside each sample); per_device_train_batch_size then counts rows"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -89,6 +94,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         path = getattr(data_args, name)
         if path and not os.path.isfile(path):
             raise ArgumentError(f"--{name} {path}: file not found")
+    if model_args.qlora:
+        check_qlora(training_args)
     if looks_local(model_args.model_name_or_path) and not os.path.isdir(model_args.model_name_or_path):
         raise ArgumentError(f"--model_name_or_path {model_args.model_name_or_path}: folder not found")
     if not model_args.use_lora:
@@ -121,6 +128,18 @@ def explain_training_error(message: str) -> str:
     return " ".join(message.split())
 
 
+def check_qlora(training_args) -> None:
+    """4-bit QLoRA needs bitsandbytes and a CUDA GPU: say so before anything is loaded."""
+    import importlib.util
+
+    import torch
+
+    if training_args.use_cpu or not torch.cuda.is_available():
+        raise ArgumentError("--qlora needs a CUDA GPU (bitsandbytes 4-bit weights); use --use_lora on CPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ArgumentError("--qlora needs bitsandbytes: pip install bitsandbytes")
+
+
 def looks_local(name: str) -> bool:
     """A path rather than a hub id ("owner/name")."""
     return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") != 1
@@ -134,9 +153,9 @@ def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--deepspeed" in argv:
         index = argv.index("--deepspeed") + 1
-        if index < len(argv) and not argv[index].startswith("{") and not os.path.isfile(argv[index]):
-            raise ArgumentError(f"--deepspeed {argv[index]}: config file not found")
         if index < len(argv) and not argv[index].startswith("{"):
+            if not os.path.isfile(argv[index]):
+                raise ArgumentError(f"--deepspeed {argv[index]}: config file not found")
             try:
                 with open(argv[index], encoding="utf-8") as f:
                     json.load(f)
@@ -147,6 +166,7 @@ def parse_args(argv=None):
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # TrainingArguments' own checks (bf16 support, fp16 with bf16, ...)
         raise ArgumentError(explain_training_error(str(e))) from None
+    model_args.use_lora = model_args.use_lora or model_args.qlora  # QLoRA is LoRA over 4-bit weights
     check_arguments(model_args, data_args, training_args)
     if training_args.deepspeed and training_args.use_cpu:
         # On CPU, accelerate starts a gloo process group without telling DeepSpeed; hand it over

@@ -36,15 +36,35 @@ def lora_target_modules(model_args, config) -> list[str] | str:
     return default_lora_target_modules(config)
 
 
+def qlora_kwargs(training_args) -> dict:
+    """from_pretrained arguments for 4-bit NF4 base weights (bf16 compute) on this process's GPU."""
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+    return {"quantization_config": quantization, "device_map": {"": training_args.local_process_index}}
+
+
 def load_model(model_args, training_args):
-    """The causal LM from a hub id or folder; wrapped with a fresh LoRA adapter when --use_lora."""
+    """The causal LM from a hub id or folder; wrapped with a fresh LoRA adapter when --use_lora.
+
+    --bf16 loads the base weights in bf16; the LoRA adapter stays fp32 (PEFT's autocast_adapter_dtype).
+    --qlora loads them in 4-bit NF4 instead and prepares the model for k-bit training.
+    """
+    qlora = getattr(model_args, "qlora", False)
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
         dtype=load_dtype(training_args),
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
+        **(qlora_kwargs(training_args) if qlora else {}),
     )
     model.config.use_cache = False  # the KV cache is for generation, not training
+    if qlora:
+        from peft import prepare_model_for_kbit_training
+
+        # Norms and embeddings to fp32 for stable training; checkpointing is left to the Trainer's flag.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if training_args.activation_checkpointing:
         # Frozen embeddings under LoRA give inputs without grad; checkpointed blocks still need one.
         model.enable_input_require_grads()

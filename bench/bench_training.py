@@ -1,0 +1,398 @@
+"""Training speed and memory of the seed recipe against ours, on synthetic AdvertiseGen-like data.
+
+    python bench/bench_training.py --device cpu --model tiny --steps 3 --rows 4 [--json OUT]
+    python bench/bench_training.py --device cuda --model minicpm-2b --steps 10 [--json OUT]
+    python bench/bench_training.py --data_prep [--samples 100000]
+
+Training: one process, the real model classes (native MiniCPM, random weights) and a plain loop with
+torch.optim.AdamW (no Trainer, so that the time is the model's); every recipe gets a fresh model and
+the same samples (prompt 30-60 tokens, reply 60-120, random ids from a fixed seed). The seed recipe pads
+every sample to 512 and passes an attention mask; ours packs samples into rows of 512 with
+minicpm_finetune.packing (no mask, no padding) and uses the model's chunked loss, or full logits +
+cross-entropy for "full logits". Warm-up steps are not timed.
+
+Columns: real tokens/s counts sample tokens only (padding is not work); peak memory is
+torch.cuda.max_memory_allocated over the timed steps (weights, optimizer, activations) on CUDA, and on
+CPU the peak resident set size during the recipe minus the RSS before its model was built (psutil,
+sampled every 5 ms); MFU = k * N * tokens/s / peak, N = model parameters (tied embeddings counted once,
+which equals the matmul weights: the lm_head matmul uses them), k = 6 for full fine-tuning (forward 2N,
+backward 4N) and 4 for LoRA (no weight gradients for frozen weights); recomputation under checkpointing
+and attention-score FLOPs (<1% at these lengths) are not counted. Peak: --peak_tflops (790 on CUDA, the
+H200 bf16 matmul rate measured there), on CPU a measured fp32 matmul rate.
+
+--data_prep times data preparation instead: AdvertiseGen records from data/advertisegen/train.jsonl,
+repeated and shuffled to --samples conversations, converted, tokenized with data.tokenize_dataset
+(masks included; num_proc 1 and 2) with the tiny SentencePiece tokenizer, then packed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from minicpm_finetune.data import IGNORE_INDEX  # noqa: E402
+from minicpm_finetune.packing import PackingCollator, pack_dataset  # noqa: E402
+
+MODELS = {
+    # A small MiniCPM for CPU runs: the vocabulary is large enough that the logits matter.
+    "tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=640, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=4, dim_model_base=64),
+    # MiniCPM-2B's shape (random weights).
+    "minicpm-2b": dict(vocab_size=122753, hidden_size=2304, intermediate_size=5760, num_hidden_layers=40,
+                       num_attention_heads=36, num_key_value_heads=36, dim_model_base=256),
+}
+
+# name, LoRA?, rows per batch ("b1"/"b8" for the seed, "rows" for --rows), packed?, chunked loss?, checkpointing?
+RECIPES = [
+    ("seed: LoRA r8 q,v, batch 1, padded to 512", True, 1, False, False, False),
+    ("seed: LoRA r8 q,v, batch 8, padded to 512", True, 8, False, False, False),
+    ("LoRA q,v, {B}x512 packed, full logits", True, "rows", True, False, False),
+    ("LoRA q,v, {B}x512 packed, chunked loss", True, "rows", True, True, False),
+    ("LoRA q,v, {B}x512 packed, chunked loss, checkpointing", True, "rows", True, True, True),
+    ("full, AdamW, {B}x512 packed, full logits", False, "rows", True, False, False),
+    ("full, AdamW, {B}x512 packed, chunked loss", False, "rows", True, True, False),
+    ("full, AdamW, {B}x512 packed, chunked loss, checkpointing", False, "rows", True, True, True),
+]
+
+
+# --------------------------------------------------------------------------- data
+
+
+def synthetic_samples(count: int, vocab_size: int, seed: int = 0):
+    """BOS + prompt (30-60, not learned) + reply (60-120, learned) + EOS (learned), random token ids."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    ids, labels = [], []
+    for _ in range(count):
+        prompt = rng.integers(3, vocab_size, rng.integers(30, 61)).tolist()
+        reply = rng.integers(3, vocab_size, rng.integers(60, 121)).tolist() + [2]
+        ids.append([1] + prompt + reply)
+        labels.append([IGNORE_INDEX] * (1 + len(prompt)) + reply)
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels, "length": [len(x) for x in ids]})
+
+
+def padded_batches(samples, batch_size: int, length: int = 512):
+    """The seed recipe: every sample padded to `length`, with an attention mask."""
+    for start in range(0, len(samples) - batch_size + 1, batch_size):
+        rows = samples[start:start + batch_size]
+        ids = torch.zeros(batch_size, length, dtype=torch.long)
+        labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros(batch_size, length, dtype=torch.long)
+        for i, (x, y) in enumerate(zip(rows["input_ids"], rows["labels"])):
+            ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        yield {"input_ids": ids, "labels": labels, "attention_mask": mask}, int(mask.sum())
+
+
+def packed_batches(samples, rows_per_batch: int, length: int = 512, flatten: bool = False, multiple=None):
+    rows = pack_dataset(samples, length)
+    collate = PackingCollator(pad_token_id=0, flatten=flatten, pad_to_multiple_of=multiple)
+    for start in range(0, len(rows) - rows_per_batch + 1, rows_per_batch):
+        features = [rows[i] for i in range(start, start + rows_per_batch)]
+        yield collate(features), sum(f["length"] for f in features)
+
+
+# --------------------------------------------------------------------------- model and step
+
+
+def build_model(name: str, device: str, dtype: torch.dtype, attn: str):
+    from transformers import AutoModelForCausalLM
+
+    import minicpm_finetune  # noqa: F401  registers the native MiniCPM
+    from minicpm_finetune.tiny import tiny_config
+
+    settings = dict(MODELS[name])
+    config = tiny_config(settings.pop("vocab_size"), max_position_embeddings=4096, initializer_range=0.02, **settings)
+    config.use_cache = False
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    return model
+
+
+def supports_chunked_loss(model) -> bool:
+    return hasattr(model, "loss_chunk_size")  # the native MiniCPMForCausalLM
+
+
+def full_logits_loss(model, batch):
+    """Stock path: full-vocabulary logits, then cross-entropy in fp32 over the shifted labels."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    labels = torch.nn.functional.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
+
+
+class PeakRSS:
+    """Peak resident set size of this process over a block, sampled by a thread (CPU memory)."""
+
+    def __init__(self, interval=0.005):
+        import psutil
+
+        self.process, self.interval, self.peak, self._stop = psutil.Process(), interval, 0, threading.Event()
+
+    def __enter__(self):
+        self.peak = self.process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def release_memory(device):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        try:  # hand freed heap back to the OS so the next recipe's RSS baseline is honest
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+
+
+def run_recipe(recipe, args, samples, dtype):
+    name, lora, batch, packed, chunked, checkpointing = recipe
+    rows = args.rows if batch == "rows" else batch
+    label = name.format(B=args.rows)
+    release_memory(args.device)
+    import psutil
+
+    rss_before = psutil.Process().memory_info().rss
+    sampler = PeakRSS() if args.device == "cpu" else None
+    if sampler:
+        sampler.__enter__()
+    model = build_model(args.model, args.device, dtype, args.attn)
+    if chunked and not supports_chunked_loss(model):
+        if sampler:
+            sampler.__exit__(None, None, None)
+        return {"recipe": label, "skipped": "the model has no chunked loss"}
+    n_params = sum(p.numel() for p in model.parameters())
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if lora:
+            model.enable_input_require_grads()
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=0.1,
+                                                 target_modules=["q_proj", "v_proj"]))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    flatten = args.attn.startswith("flash_attention")
+    batches = packed_batches(samples, rows, flatten=flatten, multiple=args.pad_to_multiple_of) if packed else padded_batches(samples, rows)
+
+    def step(batch):
+        batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
+        loss = model(**batch).loss if chunked else full_logits_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(args.warmup):
+        step(next(batches)[0])
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    tokens, losses = 0, []
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        batch, real = next(batches)
+        losses.append(step(batch).detach())
+        tokens += real
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if args.device == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        sampler.__exit__(None, None, None)
+        peak_mib = (sampler.peak - rss_before) / 2**20
+    tokens_per_s = tokens / seconds
+    flops_per_token = (4 if lora else 6) * n_params
+    result = {"recipe": label, "lora": lora, "rows": rows, "packed": packed, "chunked_loss": chunked,
+              "checkpointing": checkpointing, "steps": args.steps, "real_tokens": tokens, "seconds": seconds,
+              "tokens_per_s": tokens_per_s, "peak_mib": peak_mib, "n_params": n_params,
+              "flops_per_token": flops_per_token,
+              "mfu": flops_per_token * tokens_per_s / (args.peak_tflops * 1e12) if args.peak_tflops else None,
+              "last_loss": float(losses[-1])}
+    del model, optimizer, batches
+    release_memory(args.device)
+    return result
+
+
+def measured_matmul_tflops(device: str, dtype: torch.dtype) -> float:
+    n = 2048 if device == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    repeats = 5 if device == "cpu" else 20
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def environment(args) -> dict:
+    import transformers
+
+    info = {"date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:
+        pass
+    if args.device == "cuda":
+        info["device"] = torch.cuda.get_device_name()
+    else:
+        cpu = platform.processor()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        info["device"] = f"{cpu} ({os.cpu_count()} cores visible)"
+    return info
+
+
+def print_table(results, peak_note):
+    base = next((r for r in results if r["recipe"].startswith("seed") and r.get("rows") == 1 and "skipped" not in r),
+                None)
+    print(f"\n| recipe | real tokens/s | peak MiB | MFU ({peak_note}) | x seed b1 |")
+    print("|---|---:|---:|---:|---:|")
+    for r in results:
+        if "skipped" in r:
+            print(f"| {r['recipe']} | n/a ({r['skipped']}) | | | |")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.1f}x" if base else ""
+        print(f"| {r['recipe']} | {r['tokens_per_s']:,.0f} | {r['peak_mib']:,.0f} | {mfu} | {ratio} |")
+
+
+def bench_training(args):
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    if args.peak_tflops is None:
+        args.peak_tflops = 790.0 if args.device == "cuda" else measured_matmul_tflops(args.device, dtype)
+        peak_note = f"{'H200 bf16 ' if args.device == 'cuda' else 'measured fp32 matmul '}{args.peak_tflops:.3g} TFLOP/s"
+    else:
+        peak_note = f"{args.peak_tflops:g} TFLOP/s"
+    needed = (args.warmup + args.steps) * max(8, args.rows * 4)
+    samples = synthetic_samples(needed, MODELS[args.model]["vocab_size"], args.seed)
+    wanted = [r for i, r in enumerate(RECIPES) if not args.recipes or i in args.recipes]
+    results = []
+    for recipe in wanted:
+        result = run_recipe(recipe, args, samples, dtype)
+        results.append(result)
+        if "skipped" not in result:
+            print(f"{result['recipe']}: {result['tokens_per_s']:,.0f} tokens/s, peak {result['peak_mib']:,.0f} MiB, "
+                  f"loss {result['last_loss']:.3f}", flush=True)
+    info = environment(args)
+    print(f"\n{info}; model {args.model} ({results[0].get('n_params', 0) / 1e6:.1f}M params), {args.dtype or dtype}, "
+          f"attention {args.attn}, {args.steps} timed steps after {args.warmup} warm-up; "
+          f"peak memory = {'CUDA max_memory_allocated' if args.device == 'cuda' else 'peak RSS delta (psutil)'}")
+    print_table(results, peak_note)
+    return {"environment": info, "args": vars(args), "peak_note": peak_note, "results": results}
+
+
+# --------------------------------------------------------------------------- data preparation
+
+
+def bench_data_prep(args):
+    import random
+
+    import datasets
+
+    from minicpm_finetune.advertisegen import convert_record
+    from minicpm_finetune.data import tokenize_dataset
+    from minicpm_finetune.tiny import build_tokenizer
+
+    source = os.path.join(ROOT, "data", "advertisegen", "train.jsonl")
+    with open(source, encoding="utf-8") as f:
+        raw = [json.loads(line) for line in f if line.strip()]
+    random.Random(args.seed).shuffle(raw)
+    records = [raw[i % len(raw)] for i in range(args.samples)]
+    random.Random(args.seed + 1).shuffle(records)
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = build_tokenizer(folder, [t for r in raw[:500] for t in (r["content"], r["summary"])])
+    start = time.perf_counter()
+    conversations = datasets.Dataset.from_list([convert_record(r) for r in records])
+    convert_s = time.perf_counter() - start
+    results = {"samples": args.samples, "convert_s": convert_s}
+    datasets.disable_caching()  # time the work, not the cache
+    for num_proc in args.num_proc:
+        start = time.perf_counter()
+        dataset, stats = tokenize_dataset(conversations, tokenizer, 512, num_proc=num_proc if num_proc > 1 else None)
+        seconds = time.perf_counter() - start
+        results[f"tokenize_num_proc_{num_proc}_s"] = seconds
+        print(f"tokenize + mask, num_proc={num_proc}: {seconds:.1f} s = {args.samples / seconds:,.0f} samples/s "
+              f"({stats.tokens / stats.samples:.0f} tokens/sample)", flush=True)
+    start = time.perf_counter()
+    packed = pack_dataset(dataset, 512)
+    seconds = time.perf_counter() - start
+    results["pack_s"] = seconds
+    print(f"pack into rows of 512: {seconds:.1f} s = {args.samples / seconds:,.0f} samples/s "
+          f"({len(packed)} rows, {sum(packed['length']) / (512 * len(packed)):.1%} full)")
+    print(f"convert records: {convert_s:.1f} s; {environment(args)}")
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", choices=list(MODELS), default="tiny")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per recipe")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--rows", type=int, default=8, help="packed rows of 512 per batch (B)")
+    parser.add_argument("--recipes", type=int, nargs="*", help="indices into the recipe list (default: all)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="weights (default bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--attn", default="sdpa", help="sdpa, eager or flash_attention_2 (packed rows flattened)")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="chip peak for MFU (default 790 on cuda, a measured fp32 matmul rate on cpu)")
+    parser.add_argument("--pad_to_multiple_of", type=int, default=64, help="packed batches: round the width up "
+                        "(1: off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--data_prep", action="store_true", help="time data preparation instead of training")
+    parser.add_argument("--samples", type=int, default=100_000, help="--data_prep: number of conversations")
+    parser.add_argument("--num_proc", type=int, nargs="*", default=[1, 2], help="--data_prep: tokenizer processes")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    results = bench_data_prep(args) if args.data_prep else bench_training(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
