@@ -9,6 +9,7 @@
 import os
 import sys
 
+import torch
 from transformers import DataCollatorForSeq2Seq, set_seed
 
 from minicpm_finetune.arguments import ArgumentError, parse_args
@@ -118,6 +119,8 @@ def main(argv=None):
     trainer.save_state()
 
     evaluate_at_end(trainer, datasets, samples, training_args)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit ("terminate called")
     return trainer
 
 
