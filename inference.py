@@ -122,7 +122,7 @@ def load_model_and_tokenizer(args):
 def read_samples(path: str, data_format: str, every_turn: bool):
     """(prompt messages, reference) pairs from a data file; a file of prompts only, i.e. conversations
     ending with a user turn or input records without an output, gives references None."""
-    from minicpm_finetune.data import DataError, _read_objects, load_conversations, to_messages
+    from minicpm_finetune.data import DataError, read_records, load_conversations, to_messages
     from minicpm_finetune.generation import eval_samples
 
     try:
@@ -130,7 +130,7 @@ def read_samples(path: str, data_format: str, every_turn: bool):
     except DataError as complete_error:
         # Prompts only? Add a placeholder reply, check the record as training data, drop the placeholder.
         samples = []
-        for number, record in _read_objects(path):
+        for number, record in read_records(path):
             if not isinstance(record, dict):
                 raise complete_error
             if "messages" in record and isinstance(record["messages"], list):

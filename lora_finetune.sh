@@ -10,7 +10,7 @@ source scripts/common.sh
 MODEL_PATH=${MODEL_PATH:-openbmb/MiniCPM-2B-sft-bf16}
 DATA_DIR=${DATA_DIR:-data/advertisegen_chat}
 OUTPUT_DIR=${OUTPUT_DIR:-output/lora/$(date +%Y%m%d-%H%M%S)}
-GPU=${GPU:-0}                           # which GPU to train on
+GPU=${GPU:-0}                           # which GPU to train on (DEVICE=cpu: the CPU)
 MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-512}
 
 check_model_path "$MODEL_PATH"

@@ -65,10 +65,10 @@ def main() -> int:
         return 2
 
     from minicpm_finetune.advertisegen import convert_record
-    from minicpm_finetune.data import _read_objects
+    from minicpm_finetune.data import read_records
     from minicpm_finetune.generation import eval_samples, generate_replies
 
-    records = [r for _, r in _read_objects(os.path.join(ROOT, "data", "advertisegen", "dev.jsonl"))]
+    records = [r for _, r in read_records(os.path.join(ROOT, "data", "advertisegen", "dev.jsonl"))]
     samples = eval_samples([convert_record(r) for r in records])
     prompts = [prompt for prompt, _ in (samples * (args.num_samples // len(samples) + 1))[:args.num_samples]]
     with tempfile.TemporaryDirectory() as workdir:

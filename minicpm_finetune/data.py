@@ -62,7 +62,7 @@ class FileCheck:
 # --------------------------------------------------------------------------- reading and checking
 
 
-def _read_objects(path: str):
+def read_records(path: str):
     """Yield (record number, object or error text). JSON Lines count lines; JSON arrays count items."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
@@ -156,7 +156,7 @@ def check_file(path: str, data_format: str = "auto") -> FileCheck:
     check = FileCheck(path)
     seen = Counter()
     chosen = None if data_format == "auto" else data_format
-    for number, obj in _read_objects(path):
+    for number, obj in read_records(path):
         if isinstance(obj, _Unreadable):
             check.problems.append(f"{path}:{number}: {obj}")
             continue

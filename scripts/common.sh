@@ -28,12 +28,14 @@ find_data_files() {
   done
 }
 
-# bf16 on a GPU (PRECISION=fp16 for GPUs without bf16); fp32 with --use_cpu when there is no GPU.
+# bf16 on a GPU (PRECISION=fp16 for GPUs without bf16); fp32 with --use_cpu when there is no GPU
+# or DEVICE=cpu.
 device_args() {
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  if [[ "${DEVICE:-auto}" != cpu ]] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "--${PRECISION:-bf16}"
   else
-    echo "no GPU found: training on the CPU" >&2
+    if [[ "${DEVICE:-auto}" == cpu ]]; then echo "DEVICE=cpu: training on the CPU" >&2
+    else echo "no GPU found: training on the CPU" >&2; fi
     echo "--use_cpu"
   fi
 }

@@ -115,3 +115,8 @@ def test_missing_dev_file_is_named(tmp_path, tiny_model, data_dir):
     (only_train / "train.jsonl").write_text((data_dir / "train.jsonl").read_text())
     result = run(["bash", os.path.join(ROOT, "lora_finetune.sh")], env={"MODEL_PATH": tiny_model, "DATA_DIR": str(only_train)})
     assert result.returncode == 2 and "no dev.jsonl or dev.json" in result.stderr
+
+
+def test_device_cpu_forces_the_cpu_even_with_a_gpu():
+    result = run(["bash", "-c", "source scripts/common.sh; DEVICE=cpu device_args"])
+    assert result.stdout.strip() == "--use_cpu" and "DEVICE=cpu: training on the CPU" in result.stderr
