@@ -231,6 +231,8 @@ def run_recipe(recipe, args, samples, dtype):
     else:
         sampler.__exit__(None, None, None)
         peak_mib = (sampler.peak - rss_before) / 2**20
+    if args.profile:
+        profile_steps(step, batches, args)
     tokens_per_s = tokens / seconds
     flops_per_token = (4 if lora else 6) * n_params
     result = {"recipe": label, "lora": lora, "rows": rows, "packed": packed, "chunked_loss": chunked,
@@ -242,6 +244,20 @@ def run_recipe(recipe, args, samples, dtype):
     del model, optimizer, batches
     release_memory(args.device)
     return result
+
+
+def profile_steps(step, batches, args):
+    """Per-op times of a few more steps (torch.profiler), the biggest first: where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.profile):
+            step(next(batches)[0])
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=args.profile_rows, max_name_column_width=60))
 
 
 def measured_matmul_tflops(device: str, dtype: torch.dtype) -> float:
@@ -305,7 +321,7 @@ def bench_training(args):
         peak_note = f"{'H200 bf16 ' if args.device == 'cuda' else 'measured fp32 matmul '}{args.peak_tflops:.3g} TFLOP/s"
     else:
         peak_note = f"{args.peak_tflops:g} TFLOP/s"
-    needed = (args.warmup + args.steps) * max(8, args.rows * 4)
+    needed = (args.warmup + args.steps + args.profile) * max(8, args.rows * 4)
     samples = synthetic_samples(needed, MODELS[args.model]["vocab_size"], args.seed)
     wanted = [r for i, r in enumerate(RECIPES) if not args.recipes or i in args.recipes]
     results = []
@@ -380,6 +396,9 @@ def main(argv=None):
     parser.add_argument("--pad_to_multiple_of", type=int, default=64, help="packed batches: round the width up "
                         "(1: off)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", type=int, default=0, help="after timing, profile this many steps per recipe "
+                        "(torch.profiler) and print the ops that take the most time")
+    parser.add_argument("--profile_rows", type=int, default=20, help="--profile: ops to print")
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("--data_prep", action="store_true", help="time data preparation instead of training")
     parser.add_argument("--samples", type=int, default=100_000, help="--data_prep: number of conversations")
