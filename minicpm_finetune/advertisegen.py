@@ -8,7 +8,7 @@ AdvertiseGen's ``content`` (e.g. ``类型#裙*版型#显瘦*风格#文艺``) bec
 converts train/dev/test ``.json`` or ``.jsonl`` files found in the source folder (or one file)
 to ``OUT_DIR/{train,dev,test}.jsonl``. Input is JSON Lines (the real download is JSON Lines
 named ``.json``) or a JSON array. A bad record stops the conversion before anything is written,
-unless ``--skip_bad`` is given. This module uses the standard library only.
+unless ``--skip_bad`` is given.
 """
 
 import argparse
@@ -17,7 +17,8 @@ import json
 import logging
 import os
 import sys
-import tempfile
+
+from .data import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -118,20 +119,8 @@ def _convert_records(path: str, system: str | None, skip_bad: bool) -> tuple[lis
 
 
 def _write_jsonl(records: list[dict], dst: str) -> None:
-    """Write JSON Lines atomically: a temp file in dst's folder, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Conversation records as JSON Lines, written atomically."""
+    write_atomic(dst, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def convert_file(src: str, dst: str, system: str | None = None, skip_bad: bool = False) -> dict:

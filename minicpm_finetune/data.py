@@ -40,6 +40,11 @@ class _Unreadable(str):
     """A record that could not be parsed (the text says why)."""
 
 
+def record_is_unreadable(obj) -> bool:
+    """Whether read_records yielded a parse problem instead of a record."""
+    return isinstance(obj, _Unreadable)
+
+
 @dataclass
 class FileCheck:
     """The outcome of checking one data file: its format, good records and every problem found."""
@@ -90,6 +95,22 @@ def read_records(path: str):
             yield number, json.loads(line)
         except json.JSONDecodeError as e:
             yield number, _Unreadable(f"malformed JSON ({e.msg}, column {e.colno})")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def detect_format(record: dict) -> str | None:
@@ -157,7 +178,7 @@ def check_file(path: str, data_format: str = "auto") -> FileCheck:
     seen = Counter()
     chosen = None if data_format == "auto" else data_format
     for number, obj in read_records(path):
-        if isinstance(obj, _Unreadable):
+        if record_is_unreadable(obj):
             check.problems.append(f"{path}:{number}: {obj}")
             continue
         if not isinstance(obj, dict):
@@ -237,14 +258,9 @@ def load_conversations(path: str, data_format: str = "auto", skip_bad_samples: b
     # cache keys on the data itself and never sees a malformed line.
     lines = "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for _, m in check.records)
     digest = hashlib.sha256(lines.encode("utf-8")).hexdigest()[:16]
-    cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "minicpm_finetune")
-    os.makedirs(cache_dir, exist_ok=True)
-    normalised = os.path.join(cache_dir, f"{digest}.jsonl")
+    normalised = os.path.join(datasets.config.HF_DATASETS_CACHE, "minicpm_finetune", f"{digest}.jsonl")
     if not os.path.exists(normalised):
-        tmp = f"{normalised}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(lines)
-        os.replace(tmp, normalised)
+        write_atomic(normalised, lines)
     datasets.disable_progress_bars()
     try:
         return datasets.load_dataset("json", data_files=normalised, split="train")
@@ -409,11 +425,8 @@ def main(argv=None) -> int:
         print("\nFirst sample (learned tokens in [[...]], the rest is masked):")
         print(render_masked(tokenizer, first["input_ids"], first["labels"]))
     if args.dump:
-        tmp = args.dump + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in dataset:
-                f.write(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n")
-        os.replace(tmp, args.dump)
+        write_atomic(args.dump, "".join(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n"
+                                        for row in dataset))
         print(f"\nwrote {len(dataset)} samples to {args.dump}")
     return 0
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import torch
 
+from .data import write_atomic
 from .metrics import compute_metrics
 from .templates import end_of_turn_token
 
@@ -141,26 +141,12 @@ def generation_kwargs(num_beams: int = 1, do_sample: bool = False, temperature: 
 # --------------------------------------------------------------------------- output files
 
 
-def _write_atomic(path: str, text: str) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_predictions(path: str, samples: list[tuple[list[dict], str | None]], predictions: list[str]) -> None:
     """One JSON line per sample: {"input": prompt messages, "reference": str or null, "prediction": str}."""
     lines = [json.dumps({"input": prompt, "reference": reference, "prediction": prediction}, ensure_ascii=False)
              for (prompt, reference), prediction in zip(samples, predictions)]
-    _write_atomic(path, "".join(line + "\n" for line in lines))
+    write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def save_metrics(path: str, metrics: dict) -> None:
-    _write_atomic(path, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(path, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")

@@ -27,6 +27,8 @@ BASE_CORPUS = [
 
 def _texts_from_file(path: str):
     """Every string value in a JSON / JSON Lines data file, whatever its format."""
+    from .data import DataError, read_records, record_is_unreadable
+
     def strings(obj):
         if isinstance(obj, str):
             yield obj
@@ -37,10 +39,9 @@ def _texts_from_file(path: str):
             for value in obj:
                 yield from strings(value)
 
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    objects = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
-    for obj in objects:
+    for number, obj in read_records(path):
+        if record_is_unreadable(obj):
+            raise DataError(f"{path}:{number}: {obj}")
         yield from strings(obj)
 
 
@@ -123,11 +124,13 @@ def main(argv=None) -> int:
     parser.add_argument("--chat_template", choices=["minicpm", "chatml"], default="minicpm")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for path in args.data:
-        if not os.path.isfile(path):
-            print(f"error: {path}: file not found", file=sys.stderr)
-            return 2
-    build_tiny(args.output_dir, args.data, args.chat_template, args.seed)
+    from .data import DataError
+
+    try:
+        build_tiny(args.output_dir, args.data, args.chat_template, args.seed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote a tiny MiniCPM and tokenizer to {args.output_dir}")
     return 0
 

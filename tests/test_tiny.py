@@ -1,0 +1,28 @@
+"""The tiny model builder: a native MiniCPM with non-trivial scalings, and one-line errors for bad data."""
+
+import os
+
+from conftest import run
+from transformers import AutoConfig, AutoTokenizer
+
+from minicpm_finetune.templates import MINICPM_TEMPLATE
+
+
+def test_tiny_model_is_a_native_minicpm_with_real_scalings(tiny_model):
+    config = AutoConfig.from_pretrained(tiny_model)
+    assert config.model_type == "minicpm" and config.architectures == ["MiniCPMForCausalLM"]
+    assert config.scale_emb != 1 and config.dim_model_base != config.hidden_size and config.scale_depth != 1
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert tokenizer.chat_template == MINICPM_TEMPLATE and config.vocab_size == len(tokenizer)
+    # Byte fallback: text the tokenizer never saw still round-trips.
+    assert tokenizer.decode(tokenizer("龘 ☃", add_special_tokens=False)["input_ids"]) == "龘 ☃"
+
+
+def test_tiny_cli_reports_bad_data_in_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n', encoding="utf-8")
+    for data, message in ((bad, f"{bad}:2: malformed JSON"), (tmp_path / "missing.jsonl", "file not found")):
+        result = run(["python", "-m", "minicpm_finetune.tiny", "--output_dir", str(tmp_path / "out"), "--data", str(data)])
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+        assert not os.path.exists(tmp_path / "out")
