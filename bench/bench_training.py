@@ -8,8 +8,11 @@ Training: one process, the real model classes (native MiniCPM, random weights) a
 torch.optim.AdamW (no Trainer, so that the time is the model's); every recipe gets a fresh model and
 the same samples (prompt 30-60 tokens, reply 60-120, random ids from a fixed seed). The seed recipe pads
 every sample to 512 and passes an attention mask; ours packs samples into rows of 512 with
-minicpm_finetune.packing (no mask, no padding) and uses the model's chunked loss, or full logits +
-cross-entropy for "full logits". Warm-up steps are not timed.
+minicpm_finetune.packing (no mask, no padding) and uses the model's chunked loss (fused: gradients made in
+forward; chunked: checkpointed chunks, lm_head recomputed in backward), or full logits + cross-entropy for
+"full logits"; "compiled layers" torch.compiles each decoder layer (--compile_layers in finetune.py). The
+optimizer is fused AdamW, as transformers' Trainer uses by default. Warm-up steps (and compilation) are
+not timed.
 
 Columns: real tokens/s counts sample tokens only (padding is not work); peak memory is
 torch.cuda.max_memory_allocated over the timed steps (weights, optimizer, activations) on CUDA, and on
@@ -55,16 +58,23 @@ MODELS = {
                        num_attention_heads=36, num_key_value_heads=36, dim_model_base=256),
 }
 
-# name, LoRA?, rows per batch ("b1"/"b8" for the seed, "rows" for --rows), packed?, chunked loss?, checkpointing?
+# name, LoRA?, rows per batch ("b1"/"b8" for the seed, "rows" for --rows), packed?, loss, checkpointing?, compiled?
+# loss: "logits" = full-vocabulary logits + cross-entropy (stock), "chunked" = the model's loss with checkpointed
+# chunks (lm_head recomputed in backward), "fused" = the model's loss with gradients made in forward (default).
 RECIPES = [
-    ("seed: LoRA r8 q,v, batch 1, padded to 512", True, 1, False, False, False),
-    ("seed: LoRA r8 q,v, batch 8, padded to 512", True, 8, False, False, False),
-    ("LoRA q,v, {B}x512 packed, full logits", True, "rows", True, False, False),
-    ("LoRA q,v, {B}x512 packed, chunked loss", True, "rows", True, True, False),
-    ("LoRA q,v, {B}x512 packed, chunked loss, checkpointing", True, "rows", True, True, True),
-    ("full, AdamW, {B}x512 packed, full logits", False, "rows", True, False, False),
-    ("full, AdamW, {B}x512 packed, chunked loss", False, "rows", True, True, False),
-    ("full, AdamW, {B}x512 packed, chunked loss, checkpointing", False, "rows", True, True, True),
+    ("seed: LoRA r8 q,v, batch 1, padded to 512", True, 1, False, "logits", False, False),
+    ("seed: LoRA r8 q,v, batch 8, padded to 512", True, 8, False, "logits", False, False),
+    ("LoRA q,v, {B}x512 packed, full logits", True, "rows", True, "logits", False, False),
+    ("LoRA q,v, {B}x512 packed, chunked loss", True, "rows", True, "chunked", False, False),
+    ("LoRA q,v, {B}x512 packed, fused loss", True, "rows", True, "fused", False, False),
+    ("LoRA q,v, {B}x512 packed, fused loss, checkpointing", True, "rows", True, "fused", True, False),
+    ("LoRA q,v, {B}x512 packed, fused loss, compiled layers", True, "rows", True, "fused", False, True),
+    ("LoRA q,v, {B}x512 packed, fused loss, checkpointing, compiled layers", True, "rows", True, "fused", True, True),
+    ("full, AdamW, {B}x512 packed, full logits", False, "rows", True, "logits", False, False),
+    ("full, AdamW, {B}x512 packed, chunked loss", False, "rows", True, "chunked", False, False),
+    ("full, AdamW, {B}x512 packed, fused loss", False, "rows", True, "fused", False, False),
+    ("full, AdamW, {B}x512 packed, fused loss, checkpointing", False, "rows", True, "fused", True, False),
+    ("full, AdamW, {B}x512 packed, fused loss, compiled layers", False, "rows", True, "fused", False, True),
 ]
 
 
@@ -124,7 +134,7 @@ def build_model(name: str, device: str, dtype: torch.dtype, attn: str):
 
 
 def supports_chunked_loss(model) -> bool:
-    return hasattr(model, "loss_chunk_size")  # the native MiniCPMForCausalLM
+    return hasattr(model, "loss_fused")  # the native MiniCPMForCausalLM
 
 
 def full_logits_loss(model, batch):
@@ -174,7 +184,8 @@ def release_memory(device):
 
 
 def run_recipe(recipe, args, samples, dtype):
-    name, lora, batch, packed, chunked, checkpointing = recipe
+    name, lora, batch, packed, loss_kind, checkpointing, compiled = recipe
+    chunked = loss_kind != "logits"
     rows = args.rows if batch == "rows" else batch
     label = name.format(B=args.rows)
     release_memory(args.device)
@@ -189,6 +200,8 @@ def run_recipe(recipe, args, samples, dtype):
         if sampler:
             sampler.__exit__(None, None, None)
         return {"recipe": label, "skipped": "the model has no chunked loss"}
+    if chunked:
+        model.loss_fused = loss_kind == "fused"
     n_params = sum(p.numel() for p in model.parameters())
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -199,8 +212,12 @@ def run_recipe(recipe, args, samples, dtype):
 
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=0.1,
                                                  target_modules=["q_proj", "v_proj"]))
+    if compiled:
+        from minicpm_finetune.model import compile_decoder_layers
+
+        compile_decoder_layers(model)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     flatten = args.attn.startswith("flash_attention")
     batches = packed_batches(samples, rows, flatten=flatten, multiple=args.pad_to_multiple_of) if packed else padded_batches(samples, rows)
 
@@ -235,8 +252,8 @@ def run_recipe(recipe, args, samples, dtype):
         profile_steps(step, batches, args)
     tokens_per_s = tokens / seconds
     flops_per_token = (4 if lora else 6) * n_params
-    result = {"recipe": label, "lora": lora, "rows": rows, "packed": packed, "chunked_loss": chunked,
-              "checkpointing": checkpointing, "steps": args.steps, "real_tokens": tokens, "seconds": seconds,
+    result = {"recipe": label, "lora": lora, "rows": rows, "packed": packed, "loss": loss_kind,
+              "checkpointing": checkpointing, "compiled_layers": compiled, "steps": args.steps, "real_tokens": tokens, "seconds": seconds,
               "tokens_per_s": tokens_per_s, "peak_mib": peak_mib, "n_params": n_params,
               "flops_per_token": flops_per_token,
               "mfu": flops_per_token * tokens_per_s / (args.peak_tflops * 1e12) if args.peak_tflops else None,

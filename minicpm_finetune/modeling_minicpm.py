@@ -277,6 +277,8 @@ class MiniCPMForCausalLM(MiniCPMPreTrainedModel, GenerationMixin):
     # Rows of the (label != -100) hidden states per loss chunk; override on the class or instance to trade
     # memory (chunk_size x vocab fp32 logits) against the number of lm_head calls.
     loss_chunk_size = DEFAULT_CHUNK_SIZE
+    # Gradients of each chunk made in its forward (no second lm_head pass); False: checkpointed chunks.
+    loss_fused = True
 
     def __init__(self, config: MiniCPMConfig):
         super().__init__(config)
@@ -328,6 +330,7 @@ class MiniCPMForCausalLM(MiniCPMPreTrainedModel, GenerationMixin):
                 num_items_in_batch=num_items_in_batch,
                 shift_labels=shift_labels,
                 chunk_size=self.loss_chunk_size,
+                fused=self.loss_fused,
             )
         else:
             logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))

@@ -264,9 +264,10 @@ def test_packed_row_keeps_attention_inside_each_sample(attn):
 # ---------------------------------------------------------------- loss
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("chunk_size", [1, 7, 8, 1000])
 @pytest.mark.parametrize("with_num_items", [False, True])
-def test_chunked_loss_matches_full_logits_loss(chunk_size, with_num_items):
+def test_chunked_loss_matches_full_logits_loss(chunk_size, with_num_items, fused):
     torch.manual_seed(0)
     hidden = torch.randn(2, 9, 16, dtype=torch.float64).float().requires_grad_()
     head = torch.nn.Linear(16, 50, bias=False)
@@ -277,30 +278,81 @@ def test_chunked_loss_matches_full_logits_loss(chunk_size, with_num_items):
 
     expected = ForCausalLMLoss(head(hidden), labels, 50, num_items_in_batch=num_items)
     expected_grads = torch.autograd.grad(expected, (hidden, head.weight))
-    loss = causal_lm_loss(hidden, head, labels, num_items_in_batch=num_items, chunk_size=chunk_size)
+    loss = causal_lm_loss(hidden, head, labels, num_items_in_batch=num_items, chunk_size=chunk_size, fused=fused)
     grads = torch.autograd.grad(loss, (hidden, head.weight))
 
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-6)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-6)
     # A bare weight matrix works the same as the module.
-    torch.testing.assert_close(causal_lm_loss(hidden, head.weight, labels, num_items, chunk_size), loss)
+    torch.testing.assert_close(causal_lm_loss(hidden, head.weight, labels, num_items, chunk_size, fused=fused), loss)
+
+
+def test_fused_loss_in_bf16_matches_the_checkpointed_path():
+    """Same bf16 roundings as autograd's path: logits and gradients in bf16, softmax in fp32."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 40, 32, dtype=torch.bfloat16, requires_grad=True)
+    head = torch.nn.Linear(32, 301, bias=False, dtype=torch.bfloat16)
+    labels = torch.randint(0, 301, (3, 40))
+    labels[:, :10] = -100
+    results = []
+    for fused in (True, False):
+        loss = causal_lm_loss(hidden, head, labels, chunk_size=16, fused=fused)
+        results.append((loss, *torch.autograd.grad(loss, (hidden, head.weight))))
+    for fused_value, checkpointed_value in zip(*results):
+        torch.testing.assert_close(fused_value, checkpointed_value, atol=2e-3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("weight_trained", [False, True])
+def test_fused_loss_computes_lm_head_once_less(weight_trained):
+    """The checkpointed path runs lm_head again in backward; the fused one does not: for a frozen head
+    (LoRA) 2 vocab-sized matmuls per chunk instead of 3, for a trained head 3 instead of 4."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vocab, hidden_size, tokens = 64, 16, 24
+    hidden = torch.randn(1, tokens + 1, hidden_size, requires_grad=True)
+    head = torch.nn.Linear(hidden_size, vocab, bias=False).requires_grad_(weight_trained)
+    labels = torch.randint(0, vocab, (1, tokens + 1))
+    one_matmul = 2 * vocab * hidden_size * tokens
+    counted = {}
+    for fused in (True, False):
+        with FlopCounterMode(display=False) as counter:
+            causal_lm_loss(hidden, head, labels, chunk_size=8, fused=fused).backward()
+        counted[fused] = counter.get_total_flops()
+    assert counted[True] == (3 if weight_trained else 2) * one_matmul
+    assert counted[False] == (4 if weight_trained else 3) * one_matmul
+
+
+def test_fused_path_only_for_a_plain_head():
+    from peft import LoraConfig, get_peft_model
+
+    from minicpm_finetune.loss import fusable_weight
+
+    model = tiny_model(tied=False)
+    assert fusable_weight(model.lm_head) is model.lm_head.weight
+    hooked = torch.nn.Linear(4, 8, bias=False)
+    hooked.register_forward_pre_hook(lambda module, args: None)  # as DeepSpeed ZeRO-3 gathers its weight
+    assert fusable_weight(hooked) is None
+    assert fusable_weight(torch.nn.Linear(4, 8, bias=True)) is None
+    wrapped = get_peft_model(model, LoraConfig(r=4, target_modules=["lm_head"]))
+    assert fusable_weight(wrapped.base_model.model.lm_head) is None
 
 
 def test_chunked_loss_does_not_keep_chunk_logits_for_backward():
-    """Saved activations stay far below one full (tokens x vocab) logits tensor."""
+    """Saved activations stay far below one full (tokens x vocab) logits tensor, on both paths."""
     hidden = torch.randn(1, 512, 16, requires_grad=True)
     head = torch.nn.Linear(16, 4096, bias=False)
     labels = torch.randint(0, 4096, (1, 512))
-    saved = []
+    for fused in (True, False):
+        saved = []
 
-    def pack(tensor):
-        saved.append(tensor.numel())
-        return tensor
+        def pack(tensor):
+            saved.append(tensor.numel())
+            return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        causal_lm_loss(hidden, head, labels, chunk_size=64)
-    assert sum(saved) < 512 * 4096 / 4
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            causal_lm_loss(hidden, head, labels, chunk_size=64, fused=fused)
+        assert sum(saved) < 512 * 4096 / 4, fused
 
 
 def test_model_loss_equals_cross_entropy_of_its_logits():
