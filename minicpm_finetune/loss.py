@@ -125,6 +125,8 @@ def causal_lm_loss(
 
     weight = fusable_weight(lm_head) if fused else None
     if weight is not None:
+        if not torch.is_grad_enabled():  # evaluation: the loss only, no gradients made in forward
+            rows, weight = rows.detach(), weight.detach()
         # rows.sum() * 0.0 keeps a batch without labelled tokens connected to the graph.
         total = FusedLinearCrossEntropy.apply(rows, weight, targets, chunk_size, ignore_index) + rows.sum() * 0.0
     else:

@@ -321,6 +321,9 @@ def test_fused_loss_computes_lm_head_once_less(weight_trained):
         counted[fused] = counter.get_total_flops()
     assert counted[True] == (3 if weight_trained else 2) * one_matmul
     assert counted[False] == (4 if weight_trained else 3) * one_matmul
+    with FlopCounterMode(display=False) as counter, torch.no_grad():  # evaluation: one matmul, no gradients
+        causal_lm_loss(hidden, head, labels, chunk_size=8)
+    assert counter.get_total_flops() == one_matmul
 
 
 def test_fused_path_only_for_a_plain_head():
