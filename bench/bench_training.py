@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,23 +59,38 @@ MODELS = {
                        num_attention_heads=36, num_key_value_heads=36, dim_model_base=256),
 }
 
-# name, LoRA?, rows per batch ("b1"/"b8" for the seed, "rows" for --rows), packed?, loss, checkpointing?, compiled?
-# loss: "logits" = full-vocabulary logits + cross-entropy (stock), "chunked" = the model's loss with checkpointed
-# chunks (lm_head recomputed in backward), "fused" = the model's loss with gradients made in forward (default).
+class Recipe(NamedTuple):
+    name: str
+    lora: bool
+    rows: int | str  # rows per batch: 1 or 8 for the seed, "rows" for --rows
+    packed: bool = True
+    # "logits": full-vocabulary logits + cross-entropy (stock); "chunked": the model's loss with checkpointed
+    # chunks (lm_head recomputed in backward); "fused": the model's loss with gradients made in forward (default).
+    loss: str = "fused"
+    checkpointing: bool = False
+    compiled: bool = False  # torch.compile each decoder layer (finetune.py --compile_layers)
+    master: bool = False  # full fine-tuning with fp32 master weights, as DeepSpeed's bf16 optimizer keeps them
+
+
 RECIPES = [
-    ("seed: LoRA r8 q,v, batch 1, padded to 512", True, 1, False, "logits", False, False),
-    ("seed: LoRA r8 q,v, batch 8, padded to 512", True, 8, False, "logits", False, False),
-    ("LoRA q,v, {B}x512 packed, full logits", True, "rows", True, "logits", False, False),
-    ("LoRA q,v, {B}x512 packed, chunked loss", True, "rows", True, "chunked", False, False),
-    ("LoRA q,v, {B}x512 packed, fused loss", True, "rows", True, "fused", False, False),
-    ("LoRA q,v, {B}x512 packed, fused loss, checkpointing", True, "rows", True, "fused", True, False),
-    ("LoRA q,v, {B}x512 packed, fused loss, compiled layers", True, "rows", True, "fused", False, True),
-    ("LoRA q,v, {B}x512 packed, fused loss, checkpointing, compiled layers", True, "rows", True, "fused", True, True),
-    ("full, AdamW, {B}x512 packed, full logits", False, "rows", True, "logits", False, False),
-    ("full, AdamW, {B}x512 packed, chunked loss", False, "rows", True, "chunked", False, False),
-    ("full, AdamW, {B}x512 packed, fused loss", False, "rows", True, "fused", False, False),
-    ("full, AdamW, {B}x512 packed, fused loss, checkpointing", False, "rows", True, "fused", True, False),
-    ("full, AdamW, {B}x512 packed, fused loss, compiled layers", False, "rows", True, "fused", False, True),
+    Recipe("seed: LoRA r8 q,v, batch 1, padded to 512", True, 1, packed=False, loss="logits"),
+    Recipe("seed: LoRA r8 q,v, batch 8, padded to 512", True, 8, packed=False, loss="logits"),
+    Recipe("LoRA q,v, {B}x512 packed, full logits", True, "rows", loss="logits"),
+    Recipe("LoRA q,v, {B}x512 packed, chunked loss", True, "rows", loss="chunked"),
+    Recipe("LoRA q,v, {B}x512 packed, fused loss", True, "rows"),
+    Recipe("LoRA q,v, {B}x512 packed, fused loss, checkpointing", True, "rows", checkpointing=True),
+    Recipe("LoRA q,v, {B}x512 packed, fused loss, compiled layers", True, "rows", compiled=True),
+    Recipe("LoRA q,v, {B}x512 packed, fused loss, checkpointing, compiled layers", True, "rows", checkpointing=True,
+           compiled=True),
+    Recipe("full, AdamW, {B}x512 packed, full logits", False, "rows", loss="logits"),
+    Recipe("full, AdamW, {B}x512 packed, chunked loss", False, "rows", loss="chunked"),
+    Recipe("full, AdamW, {B}x512 packed, fused loss", False, "rows"),
+    Recipe("full, AdamW, {B}x512 packed, fused loss, checkpointing", False, "rows", checkpointing=True),
+    Recipe("full, AdamW, {B}x512 packed, fused loss, compiled layers", False, "rows", compiled=True),
+    Recipe("full, fp32 master AdamW, {B}x512 packed, fused loss, checkpointing", False, "rows", checkpointing=True,
+           master=True),
+    Recipe("full, fp32 master AdamW, {B}x512 packed, fused loss, checkpointing, compiled layers", False, "rows",
+           checkpointing=True, compiled=True, master=True),
 ]
 
 
@@ -183,11 +199,32 @@ def release_memory(device):
             pass
 
 
-def run_recipe(recipe, args, samples, dtype):
-    name, lora, batch, packed, loss_kind, checkpointing, compiled = recipe
+class MasterWeightsAdamW:
+    """AdamW on fp32 copies of the (bf16) weights, as DeepSpeed's bf16 optimizer and ZeRO keep them:
+    gradients are copied up to fp32, the step runs in fp32, the weights are copied back down."""
+
+    def __init__(self, params, lr):
+        self.params = list(params)
+        self.master = [p.detach().to(torch.float32, copy=True) for p in self.params]
+        self.optimizer = torch.optim.AdamW(self.master, lr=lr, fused=True)
+
+    @torch.no_grad()
+    def step(self):
+        for master, param in zip(self.master, self.params):
+            master.grad, param.grad = param.grad.float(), None
+        self.optimizer.step()
+        torch._foreach_copy_(self.params, self.master)
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def run_recipe(recipe: Recipe, args, samples, dtype):
+    lora, packed, loss_kind, checkpointing, compiled = (recipe.lora, recipe.packed, recipe.loss,
+                                                         recipe.checkpointing, recipe.compiled)
     chunked = loss_kind != "logits"
-    rows = args.rows if batch == "rows" else batch
-    label = name.format(B=args.rows)
+    rows = args.rows if recipe.rows == "rows" else recipe.rows
+    label = recipe.name.format(B=args.rows)
     release_memory(args.device)
     import psutil
 
@@ -217,7 +254,8 @@ def run_recipe(recipe, args, samples, dtype):
 
         compile_decoder_layers(model)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = MasterWeightsAdamW(trained, 1e-5) if recipe.master else torch.optim.AdamW(trained, lr=1e-5, fused=True)
     flatten = args.attn.startswith("flash_attention")
     batches = packed_batches(samples, rows, flatten=flatten, multiple=args.pad_to_multiple_of) if packed else padded_batches(samples, rows)
 
@@ -253,7 +291,7 @@ def run_recipe(recipe, args, samples, dtype):
     tokens_per_s = tokens / seconds
     flops_per_token = (4 if lora else 6) * n_params
     result = {"recipe": label, "lora": lora, "rows": rows, "packed": packed, "loss": loss_kind,
-              "checkpointing": checkpointing, "compiled_layers": compiled, "steps": args.steps, "real_tokens": tokens, "seconds": seconds,
+              "checkpointing": checkpointing, "compiled_layers": compiled, "master_weights": recipe.master, "steps": args.steps, "real_tokens": tokens, "seconds": seconds,
               "tokens_per_s": tokens_per_s, "peak_mib": peak_mib, "n_params": n_params,
               "flops_per_token": flops_per_token,
               "mfu": flops_per_token * tokens_per_s / (args.peak_tflops * 1e12) if args.peak_tflops else None,
