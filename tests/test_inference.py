@@ -1,5 +1,6 @@
 """inference.py: the same greedy text from a LoRA adapter, its merged model and a full fine-tune output;
-stdin chat; predictions and metrics over a file; one-line errors."""
+stdin chat; predictions and metrics over a file; one-line errors; fit_prompt (oldest exchanges dropped,
+a prompt too long alone refused); streamed replies equal to unstreamed ones."""
 
 import json
 import subprocess
@@ -10,7 +11,7 @@ from conftest import QA, ROOT, run
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from minicpm_finetune.generation import generate_replies
+from minicpm_finetune.generation import PromptTooLong, context_limit, fit_prompt, generate_replies, prompt_length
 
 MAX_NEW = "10"
 
@@ -138,3 +139,80 @@ def test_bad_arguments_exit_2_with_one_line(tiny_model, args, message):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- context limit and streaming
+
+SYSTEM = {"role": "system", "content": "你是助手"}
+# A user message far longer than the limits used below (ASCII: many tokens under the tiny vocabulary).
+LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 4)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.mark.parametrize("template", ["minicpm", "chatml"])
+def test_fit_prompt_drops_oldest_exchanges_and_keeps_the_system_turn(template, tiny_model, tiny_chatml_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model if template == "minicpm" else tiny_chatml_model)
+    exchanges = [[user(q), assistant(a)] for q, a in QA[:3]]
+    current = user(QA[3][0])
+    conversation = [SYSTEM] + [m for pair in exchanges for m in pair] + [current]
+    # What is left after dropping the k oldest exchanges; the last one is the prompt alone.
+    kept = [[SYSTEM] + [m for pair in exchanges[k:] for m in pair] + [current] for k in range(4)]
+    lengths = [prompt_length(tokenizer, messages) for messages in kept]
+    assert lengths == sorted(lengths, reverse=True) and len(set(lengths)) == 4
+    new = 5
+    for k, length in enumerate(lengths):
+        # The largest conversation that fits is chosen, the system turn always kept...
+        assert fit_prompt(tokenizer, conversation, length + new, new) == (kept[k], k)
+        # ... and one token less drops one exchange more.
+        if k < 3:
+            assert fit_prompt(tokenizer, conversation, length + new - 1, new) == (kept[k + 1], k + 1)
+    fitted, _ = fit_prompt(tokenizer, conversation, lengths[2] + new + 1, new)
+    ids = tokenizer(tokenizer.apply_chat_template(fitted, tokenize=False, add_generation_prompt=True),
+                    add_special_tokens=False)["input_ids"]
+    assert len(ids) + new <= lengths[2] + new + 1
+    assert fit_prompt(tokenizer, conversation, None, new) == (conversation, 0)  # no limit known
+    with pytest.raises(PromptTooLong) as error:
+        fit_prompt(tokenizer, conversation, lengths[3] + new - 1, new)
+    assert (error.value.length, error.value.max_length, error.value.max_new_tokens) == (lengths[3], lengths[3] + 4, 5)
+
+
+def test_context_limit_is_the_model_positions_else_the_tokenizer_length(tiny_model):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    config = AutoConfig.from_pretrained(tiny_model)
+    assert tokenizer.model_max_length > 10**20  # transformers' "unset"
+    assert context_limit(config, tokenizer) == config.max_position_embeddings == 2048
+    tokenizer.model_max_length = 512  # often copied from another model: the config wins
+    assert context_limit(config, tokenizer) == 2048
+    from transformers import PretrainedConfig
+
+    assert context_limit(PretrainedConfig(), tokenizer) == 512  # a config without positions
+    tokenizer.model_max_length = int(1e30)
+    assert context_limit(PretrainedConfig(), tokenizer) is None
+
+
+@pytest.mark.parametrize("template", ["minicpm", "chatml"])
+def test_streamed_pieces_join_to_the_returned_reply(template, tiny_model, tiny_chatml_model):
+    """Random weights emit byte tokens (<0xE4>), half characters and special tokens mid-reply: the pieces
+    written while generating still join to exactly the returned, stripped reply."""
+    folder = tiny_model if template == "minicpm" else tiny_chatml_model
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.initializer_range = 0.5
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    replies = []
+    for prompt in ["你好", "?u么ua", "What is two plus four?🙂", "é 𠀀"]:
+        pieces = []
+        replies += generate_replies(model, tokenizer, [[user(prompt)]], max_new_tokens=60, show_progress=False,
+                                    stream=pieces.append)
+        assert "".join(pieces) == replies[-1] and len(pieces) > 5  # it really arrived piece by piece
+    assert any("\ufffd" in reply for reply in replies)  # invalid byte runs were generated: the hard case
+    with pytest.raises(ValueError, match="one prompt"):
+        generate_replies(model, tokenizer, [[user("a")], [user("b")]], stream=print, show_progress=False)
