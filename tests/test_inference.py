@@ -1,6 +1,6 @@
 """inference.py: the same greedy text from a LoRA adapter, its merged model and a full fine-tune output;
-stdin chat; predictions and metrics over a file; one-line errors; fit_prompt (oldest exchanges dropped,
-a prompt too long alone refused); streamed replies equal to unstreamed ones."""
+stdin chat; predictions and metrics over a file; one-line errors; prompts kept within --max_length
+(oldest exchanges dropped, a prompt too long alone refused); streamed replies equal to unstreamed ones."""
 
 import json
 import subprocess
@@ -75,7 +75,7 @@ def test_lora_adapter_and_merged_model_give_the_same_text(base_model, lora_adapt
     replies = []
     for args in (["--model_name_or_path", lora_adapter],  # base read from adapter_config.json
                  ["--model_name_or_path", base_model, "--adapter", lora_adapter],
-                 ["--model_name_or_path", str(merged)]):
+                 ["--model_name_or_path", str(merged), "--no_stream"]):  # the others stream
         result = infer(*args, "--prompt", prompt)
         assert result.returncode == 0, result.stderr[-3000:]
         replies.append(result.stdout.rstrip("\n"))
@@ -133,6 +133,11 @@ def test_interactive_chat_keeps_history_until_clear(base_model, lora_adapter):
     (["--model_name_or_path", "TINY", "--input_file", "/no/such.jsonl", "--output_file", "x.jsonl"],
      "--input_file /no/such.jsonl: file not found"),
     (["--model_name_or_path", "TINY", "--max_new_tokens", "lots"], "invalid int value"),
+    (["--model_name_or_path", "TINY", "--max_length", "0"], "--max_length must be positive, got 0"),
+    (["--model_name_or_path", "TINY", "--max_length", "64", "--max_new_tokens", "64"],
+     "--max_new_tokens 64 leaves no room for a prompt within --max_length 64"),
+    (["--model_name_or_path", "TINY", "--max_new_tokens", "4096"],  # the tiny model's 2048 positions
+     "--max_new_tokens 4096 leaves no room for a prompt within --max_length 2048"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tiny_model, args, message):
     result = run([sys.executable, "inference.py", *[tiny_model if a == "TINY" else a for a in args]])
@@ -216,3 +221,84 @@ def test_streamed_pieces_join_to_the_returned_reply(template, tiny_model, tiny_c
     assert any("\ufffd" in reply for reply in replies)  # invalid byte runs were generated: the hard case
     with pytest.raises(ValueError, match="one prompt"):
         generate_replies(model, tokenizer, [[user("a")], [user("b")]], stream=print, show_progress=False)
+
+
+def replies_in(stdout):
+    return [line.removeprefix("Assistant: ") for line in stdout.splitlines() if line.startswith("Assistant: ")]
+
+
+def test_chat_drops_oldest_exchanges_refuses_a_message_too_long_and_streams_the_same_text(base_model):
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForCausalLM.from_pretrained(base_model).eval()
+    new = int(MAX_NEW)
+
+    def reply(messages):
+        return generate_replies(model, tokenizer, [messages], max_new_tokens=new, show_progress=False)[0]
+
+    u1, u2, u3, u5 = (user(QA[0][0]), user(QA[1][0]), user("What is two plus two? " + QA[2][0]), user(QA[3][0]))
+    a1 = assistant(reply([SYSTEM, u1]))
+    a2 = assistant(reply([SYSTEM, u1, a1, u2]))
+    # A limit where the third turn fits only without the first exchange.
+    third = [SYSTEM, u2, a2, u3]
+    max_length = prompt_length(tokenizer, third) + new
+    assert prompt_length(tokenizer, [SYSTEM, u1, a1, u2]) + new <= max_length
+    assert prompt_length(tokenizer, [SYSTEM, u1, a1, u2, a2, u3]) + new > max_length
+    assert prompt_length(tokenizer, [SYSTEM, user(LONG)]) + new > max_length
+    a3 = assistant(reply(third))
+    fifth, _ = fit_prompt(tokenizer, third + [a3, u5], max_length, new)  # LONG never joined the history
+    expected = [a1["content"], a2["content"], a3["content"], reply(fifth)]
+
+    stdin = "\n".join(m["content"] for m in (u1, u2, u3, user(LONG), u5)) + "\n"
+    common = ["--model_name_or_path", base_model, "--system", SYSTEM["content"], "--max_length", str(max_length)]
+    streamed, whole = infer(*common, stdin=stdin), infer(*common, "--no_stream", stdin=stdin)
+    for result in (streamed, whole):
+        assert result.returncode == 2, result.stderr[-3000:]  # a message was not sent
+        assert replies_in(result.stdout) == expected
+        lines = result.stdout.splitlines()
+        note = f"(dropped the oldest exchange to fit --max_length {max_length})"
+        assert lines.count(note) == 1 and lines.index(note) == 2  # once, before the third reply
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert errors == [f"error: this message is {prompt_length(tokenizer, [SYSTEM, user(LONG)])} tokens with the "
+                          f"chat template; with --max_new_tokens {new} it exceeds --max_length {max_length}; not sent"]
+    assert streamed.stdout == whole.stdout
+
+
+def test_file_prompts_drop_oldest_exchanges_and_a_prompt_too_long_names_its_record(base_model, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    new = int(MAX_NEW)
+    (q1, r1), (q2, r2), (q3, r3) = QA[:3]
+    long_chat = [SYSTEM, user(q1), assistant(r1), user(q2), assistant(r2), user(q3), assistant(r3)]
+    short = [user(q2), assistant(r2)]
+    trimmed = [SYSTEM, user(q2), assistant(r2), user(q3)]  # the first exchange dropped
+    max_length = prompt_length(tokenizer, trimmed) + new
+    assert prompt_length(tokenizer, long_chat[:-1]) + new > max_length
+    data, out = tmp_path / "chats.jsonl", tmp_path / "pred.jsonl"
+    write = lambda chats: data.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n"  # noqa: E731
+                                                  for c in chats), encoding="utf-8")
+    args = ["--model_name_or_path", base_model, "--input_file", str(data), "--output_file", str(out),
+            "--max_length", str(max_length)]
+
+    write([short, long_chat])
+    result = infer(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"note: dropped the oldest exchanges of 1 sample(s) to fit --max_length {max_length} (record 2)" \
+        in result.stdout
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [row["input"] for row in rows] == [short[:-1], long_chat[:-1]]  # the file keeps the full input
+    assert [row["prediction"] for row in rows] == in_process(base_model, [short[:-1], trimmed])
+
+    out.unlink()
+    write([short, short, [user(LONG), assistant(r1)]])
+    result = infer(*args)
+    assert result.returncode == 2 and not out.exists()  # refused before generating anything
+    length = prompt_length(tokenizer, [user(LONG)])
+    assert result.stderr == (f"error: {data}:3: the prompt is {length} tokens with the chat template; "
+                             f"with --max_new_tokens {new} it exceeds --max_length {max_length}\n")
+
+
+def test_prompt_too_long_alone_is_refused_with_one_line(tiny_model):
+    result = infer("--model_name_or_path", tiny_model, "--max_length", "30", "--prompt", LONG)
+    length = prompt_length(AutoTokenizer.from_pretrained(tiny_model), [user(LONG)])
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"error: --prompt is {length} tokens with the chat template; with --max_new_tokens "
+                             f"{MAX_NEW} it exceeds --max_length 30\n")
