@@ -4,13 +4,20 @@
 - ``generate_replies`` renders each prompt with the chat template (``add_generation_prompt=True``, the
   same ids training saw before each reply), generates in left-padded batches and stops at the
   end-of-turn token or eos. Under torch.distributed it splits the prompts across ranks and gathers
-  the replies once, so every rank returns the full list.
+  the replies once, so every rank returns the full list. With ``stream`` it writes the reply of a single
+  prompt as it is generated (``ReplyStreamer``), ending with exactly the text it returns.
+- ``context_limit`` and ``fit_prompt`` keep a prompt plus its new tokens within the model's context:
+  the oldest whole user/assistant exchanges go first, the system turn stays, and a prompt that does not
+  fit even alone raises ``PromptTooLong`` (cutting it would answer a question nobody asked).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import sys
+from typing import Callable
 
 import torch
 
@@ -41,6 +48,129 @@ def stop_token_ids(tokenizer) -> list[int]:
     return list(dict.fromkeys(i for i in ids if i is not None and i != tokenizer.unk_token_id))
 
 
+# --------------------------------------------------------------------------- context limit
+
+
+def context_limit(config, tokenizer) -> int | None:
+    """The longest prompt + reply in tokens: the model's ``max_position_embeddings`` (the positions it was
+    trained on), else the tokenizer's ``model_max_length`` when set; None when neither says.
+
+    The tokenizer's value is only a fallback: it is often a sentinel (1e30) or copied from another model,
+    while the config describes the weights themselves.
+    """
+    for limit in (getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)):
+        if isinstance(limit, int) and 0 < limit < 10**9:  # transformers' "unset" is 1e30
+            return limit
+    return None
+
+
+class PromptTooLong(ValueError):
+    """The prompt alone (system turn + last user turn) does not leave room for the reply."""
+
+    def __init__(self, length: int, max_length: int, max_new_tokens: int):
+        self.length, self.max_length, self.max_new_tokens = length, max_length, max_new_tokens
+        super().__init__(f"the prompt is {length} tokens; with {max_new_tokens} new tokens it exceeds "
+                         f"the context limit of {max_length}")
+
+
+def prompt_length(tokenizer, messages: list[dict]) -> int:
+    """Tokens of the prompt as ``generate_replies`` feeds it (rendered with the generation prompt)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fit_prompt(tokenizer, messages: list[dict], max_length: int | None,
+               max_new_tokens: int) -> tuple[list[dict], int]:
+    """(messages, number of exchanges dropped) such that the rendered prompt + ``max_new_tokens`` <= ``max_length``.
+
+    The oldest whole exchanges (a user turn and the replies after it) are dropped first; leading system
+    turns and the last exchange, the one being answered, are always kept. If even that is too long,
+    raise ``PromptTooLong``. ``max_length`` None: no limit, the messages come back unchanged.
+    """
+    if max_length is None:
+        return list(messages), 0
+    if max_new_tokens >= max_length:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt within {max_length} tokens")
+    budget = max_length - max_new_tokens
+    first_turn = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    system, turns = list(messages[:first_turn]), list(messages[first_turn:])
+    starts = [i for i, m in enumerate(turns) if m["role"] == "user"] or [0]
+    # Each try renders the whole prompt again: templates need not be a sum of per-turn pieces.
+    for dropped, start in enumerate(starts):
+        candidate = system + turns[start if dropped else 0:]  # nothing dropped: all turns, as given
+        length = prompt_length(tokenizer, candidate)
+        if length <= budget:
+            return candidate, dropped
+    raise PromptTooLong(length, max_length, max_new_tokens)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def decode_reply(tokenizer, new_tokens: list[int], stop_ids) -> str:
+    """The reply text of generated ids: cut at the first stop token (what follows is padding of a
+    finished row), special tokens skipped, stripped."""
+    ends = [k for k, token in enumerate(new_tokens) if token in stop_ids]
+    new_tokens = new_tokens[:ends[0]] if ends else new_tokens
+    return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+class ReplyStreamer:
+    """A ``generate(streamer=...)`` that writes a reply as it is generated and ends with exactly the text
+    ``decode_reply`` gives: the prompt is skipped, and what may still change is held back until more
+    text follows: leading/trailing whitespace (the reply is stripped), a trailing incomplete character,
+    and a trailing run of SentencePiece byte tokens (<0xE4>...), which decode together: one invalid
+    byte turns the whole run into U+FFFD, even a character already complete.
+    """
+
+    def __init__(self, tokenizer, stop_ids, write: Callable[[str], None]):
+        self.tokenizer, self.stop_ids, self.write = tokenizer, list(stop_ids), write
+        self.tokens: list[int] = []
+        self.byte_run_start: int | None = None
+        self.printed = ""
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() passes the prompt first
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            if BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(token) or ""):
+                if self.byte_run_start is None:
+                    self.byte_run_start = len(self.tokens)
+            elif self.tokenizer.decode([token], skip_special_tokens=True):
+                self.byte_run_start = None
+            # else a skipped (special) token: the bytes on either side of it still decode as one run
+            self.tokens.append(token)
+        stable = self.tokens if self.byte_run_start is None else self.tokens[:self.byte_run_start]
+        # "\ufffd" at the end: a multi-byte character whose other bytes are still to come (byte-level BPE).
+        self._write_up_to(decode_reply(self.tokenizer, stable, self.stop_ids).rstrip("\ufffd").rstrip())
+
+    def end(self) -> None:
+        final = decode_reply(self.tokenizer, self.tokens, self.stop_ids)
+        if not self._write_up_to(final):
+            # Decoding changed text already written (not seen in the tests): show the reply whole.
+            self.write("\n" + final)
+            self.printed = final
+
+    def _write_up_to(self, text: str) -> bool:
+        """Write what ``text`` adds to what was written; False if it does not extend it."""
+        if not text.startswith(self.printed):
+            return False
+        if len(text) > len(self.printed):
+            self.write(text[len(self.printed):])
+            self.printed = text
+        return True
+
+
+def write_to_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def _rank_and_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -54,17 +184,22 @@ def _zero3_enabled() -> bool:
 
 
 def generate_replies(model, tokenizer, prompts_messages: list[list[dict]], max_new_tokens: int = 128,
-                     batch_size: int = 8, show_progress: bool = True, **gen_kwargs) -> list[str]:
+                     batch_size: int = 8, show_progress: bool = True, stream: Callable[[str], None] | None = None,
+                     **gen_kwargs) -> list[str]:
     """The model's reply to each prompt (decoded new tokens, special tokens skipped, stripped), in order.
 
     Batches are left-padded so every row ends where generation starts. Prompts are sorted by length
     so a batch carries little padding. Under torch.distributed every rank must call this with the same
     prompts: each generates its share and all ranks return every reply. ``gen_kwargs`` go to
-    ``model.generate`` (num_beams, do_sample, temperature, top_p, ...).
+    ``model.generate`` (num_beams, do_sample, temperature, top_p, ...). ``stream`` (one prompt, one process,
+    no beam search) is called with each new piece of the reply; the pieces join to the returned reply.
+    Prompts are not trimmed here: ``fit_prompt`` them first where they may be too long.
     """
     if not prompts_messages:
         return []
     rank, world = _rank_and_world()
+    if stream is not None and (len(prompts_messages) != 1 or world != 1):
+        raise ValueError("streaming needs exactly one prompt and one process")
     # This rank's share, padded with repeats so that every rank calls generate equally often:
     # under ZeRO-3 each forward is a collective (synced_gpus), and an uneven count would hang.
     share = list(range(rank, len(prompts_messages), world))
@@ -77,6 +212,8 @@ def generate_replies(model, tokenizer, prompts_messages: list[list[dict]], max_n
     order = sorted(range(len(padded)), key=lambda j: -len(encoded[j]))  # longest first: OOM shows early
 
     stop_ids = stop_token_ids(tokenizer)
+    if stream is not None:
+        gen_kwargs["streamer"] = ReplyStreamer(tokenizer, stop_ids, stream)
     gen_kwargs.setdefault("synced_gpus", _zero3_enabled() and world > 1)
     device = next(model.parameters()).device
     padding_side, was_training = tokenizer.padding_side, model.training
@@ -96,10 +233,7 @@ def generate_replies(model, tokenizer, prompts_messages: list[list[dict]], max_n
                 output = model.generate(**batch, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                                         pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
                 for j, new_tokens in zip(rows, output[:, batch["input_ids"].shape[1]:].tolist()):
-                    # Cut at the first stop token: what follows is padding of a finished row.
-                    ends = [k for k, token in enumerate(new_tokens) if token in stop_ids]
-                    new_tokens = new_tokens[:ends[0]] if ends else new_tokens
-                    replies[j] = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+                    replies[j] = decode_reply(tokenizer, new_tokens, stop_ids)
                 bar.update(len(rows))
     finally:
         tokenizer.padding_side = padding_side
