@@ -73,6 +73,10 @@ class TrainingArguments(transformers.TrainingArguments):
     packing: bool = field(default=False, metadata={
         "help": "pack training samples into rows of up to model_max_length tokens (no padding; attention and "
                 "labels stay inside each sample); per_device_train_batch_size then counts rows"})
+    compile_layers: bool = field(default=False, metadata={
+        "help": "torch.compile each decoder layer in place (regional compilation): fuses the norms, rotary, "
+                "SwiGLU and residual scalings; the first training steps are slower while it compiles, and "
+                "evaluation and generation run eager"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -111,6 +115,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise ArgumentError(f"--model_max_length must be positive, got {training_args.model_max_length}")
     if training_args.eval_num_samples is not None and training_args.eval_num_samples <= 0:
         raise ArgumentError(f"--eval_num_samples must be positive, got {training_args.eval_num_samples}")
+    if training_args.compile_layers:
+        check_compile_layers(training_args)
     if training_args.max_new_tokens <= 0:
         raise ArgumentError(f"--max_new_tokens must be positive, got {training_args.max_new_tokens}")
     try:  # "true"/"latest" becomes the newest complete checkpoint-N in --output_dir
@@ -138,6 +144,18 @@ def check_qlora(training_args) -> None:
         raise ArgumentError("--qlora needs a CUDA GPU (bitsandbytes 4-bit weights); use --use_lora on CPU")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ArgumentError("--qlora needs bitsandbytes: pip install bitsandbytes")
+
+
+def check_compile_layers(training_args) -> None:
+    """--compile_layers excludes whole-model compilation and ZeRO-3: say so before anything is loaded."""
+    if training_args.torch_compile:
+        raise ArgumentError("--compile_layers and --torch_compile both compile the model; pick one")
+    ds_config = getattr(training_args, "hf_deepspeed_config", None)
+    if ds_config is not None and ds_config.is_zero3():
+        # ZeRO-3's parameter-gathering hooks break each layer's graph into pieces (tried on CPU: ~100 graph
+        # breaks and the recompile limit hit on a 2-layer model), so compiling would only cost time.
+        raise ArgumentError("--compile_layers does not work under DeepSpeed ZeRO-3 (its parameter hooks break "
+                            "the compiled graphs); use a ZeRO-2 config or drop --compile_layers")
 
 
 def looks_local(name: str) -> bool:

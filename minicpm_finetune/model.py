@@ -65,8 +65,9 @@ def load_model(model_args, training_args):
 
         # Norms and embeddings to fp32 for stable training; checkpointing is left to the Trainer's flag.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if training_args.activation_checkpointing:
-        # Frozen embeddings under LoRA give inputs without grad; checkpointed blocks still need one.
+    if training_args.activation_checkpointing or getattr(training_args, "compile_layers", False):
+        # Frozen embeddings under LoRA give inputs without grad; checkpointed blocks still need one, and
+        # compiled layers then share one graph (else layer 0, whose input needs no grad, gets its own).
         model.enable_input_require_grads()
     if model_args.use_lora:
         from peft import LoraConfig, get_peft_model
@@ -77,4 +78,28 @@ def load_model(model_args, training_args):
         model = get_peft_model(model, lora)  # adapters are kept in fp32 even over bf16 weights
         if training_args.process_index == 0:
             model.print_trainable_parameters()
+    if getattr(training_args, "compile_layers", False):
+        count = compile_decoder_layers(model)  # after PEFT: the LoRA layers are traced into each layer's graph
+        if training_args.process_index == 0:
+            print(f"compile_layers: {count} decoder layers will be compiled on their first training steps")
     return model
+
+
+def compile_decoder_layers(model, dynamic: bool | None = True) -> int:
+    """torch.compile every decoder layer in place ("regional compilation"); returns how many.
+
+    Fuses each layer's elementwise work (fp32 RMSNorm casts, rotary, SwiGLU, muP residual scalings)
+    while the embedding, the chunked loss (data-dependent shapes) and everything else stay eager.
+    ``nn.Module.compile`` keeps the module and its parameter names (no ``_orig_mod.`` prefix), so saved
+    models and adapters load back unchanged. The layers share one code object, so one graph serves them
+    all. ``dynamic=True`` traces batch and length as symbols from the start: one compile covers every
+    length (unpacked batches vary; packed ones are multiples of 64) instead of a static compile followed
+    by a dynamic recompile. Works through a PEFT wrapper; compilation itself happens on the first call.
+    """
+    decoder = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(decoder.base_model, "layers", None)
+    if not layers:
+        raise ValueError(f"{type(decoder).__name__} has no decoder layers (model.layers) to compile")
+    for layer in layers:
+        layer.compile(dynamic=dynamic)
+    return len(layers)

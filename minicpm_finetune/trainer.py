@@ -7,6 +7,9 @@ and are seen by ``metric_for_best_model`` (e.g. ``--metric_for_best_model rouge-
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from transformers import Trainer
 
 from .generation import evaluate_generation
@@ -36,7 +39,8 @@ class MiniCPMTrainer(NonFiniteLossGuard, Trainer):
             generation_samples = self.generation_samples
         self._pending_samples = generation_samples
         try:
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+            with eager_evaluation(self.args):
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._pending_samples = None
 
@@ -54,3 +58,11 @@ class MiniCPMTrainer(NonFiniteLossGuard, Trainer):
             self.last_predictions = predictions
             output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
         return output
+
+
+def eager_evaluation(args):
+    """With --compile_layers, evaluation and generation run the layers eager: the compiled graphs are for
+    training steps, and a KV cache (whose length grows every step, per layer) would recompile past the limit."""
+    if getattr(args, "compile_layers", False):
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()
