@@ -242,8 +242,8 @@ def run_recipe(recipe: Recipe, args, samples, dtype):
     n_params = sum(p.numel() for p in model.parameters())
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if lora:
-            model.enable_input_require_grads()
+    if lora and (checkpointing or compiled):  # as load_model does: one compiled graph serves layer 0 too
+        model.enable_input_require_grads()
     if lora:
         from peft import LoraConfig, get_peft_model
 

@@ -2,26 +2,28 @@
 # The GPU measurements of bench/README.md in one command (about 8 minutes on one H200):
 #   bash bench/gpu_checks.sh                  # writes bench/results/gpu_*.json|txt
 #   OUT=/some/dir bash bench/gpu_checks.sh    # elsewhere
-#   DEVICE=cpu MODEL=tiny STEPS=1 bash bench/gpu_checks.sh   # a quick dry run of the same commands on a CPU
-# A machine without internet can bring the Python packages as wheels in .whl/ (installed to /tmp/site first).
+#   DEVICE=cpu MODEL=tiny ROWS=1 STEPS=1 WARMUP=1 bash bench/gpu_checks.sh   # a dry run of the same commands on a CPU
+#   WHEELS=.whl bash bench/gpu_checks.sh      # a machine without internet: install these wheels to /tmp/site first
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
 device=${DEVICE:-cuda}
 model=${MODEL:-minicpm-2b}
 steps=${STEPS:-5}
+rows=${ROWS:-16}
+warmup=${WARMUP:-3}  # compiled recipes compile during the warm-up steps
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if [ -n "${WHEELS:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
-bench() { python3 bench/bench_training.py --device "$device" --model "$model" --steps "$steps" --warmup 3 "$@"; }
+bench() { python3 bench/bench_training.py --device "$device" --model "$model" --steps "$steps" --warmup "$warmup" --rows "$rows" "$@"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee "$out/gpu_machine.txt" || true
 # Seed recipe against ours (chunked vs fused loss, checkpointing, compiled layers), LoRA, full bf16 AdamW and
-# full with fp32 master weights, 16 rows of 512. RECIPES="4 6" runs fewer (indices into bench_training.RECIPES).
-bench --rows 16 --recipes ${RECIPES:-0 1 3 4 5 6 7 9 10 11 12 13 14} --json "$out/gpu_rows16.json" \
-    | tee "$out/gpu_rows16.txt"
+# full with fp32 master weights, ROWS rows of 512. RECIPES="4 6" runs fewer (indices into bench_training.RECIPES).
+bench --recipes ${RECIPES:-0 1 3 4 5 6 7 9 10 11 12 13 14} --json "$out/gpu_table.json" \
+    | tee "$out/gpu_table.txt"
 # Where the time goes now: per-op profile of the fastest LoRA recipes (eager and compiled).
-bench --rows 16 --recipes 4 6 --profile 2 --profile_rows 25 --json "$out/gpu_profile.json" | tee "$out/gpu_profile.txt"
+bench --recipes 4 6 --profile 2 --profile_rows 25 --json "$out/gpu_profile.json" | tee "$out/gpu_profile.txt"
