@@ -455,6 +455,7 @@ def main(argv=None):
                         "(torch.profiler) and print the ops that take the most time")
     parser.add_argument("--profile_rows", type=int, default=20, help="--profile: ops to print")
     parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument("--plot", default=None, help="bar charts of tokens/s and peak memory to this PNG")
     parser.add_argument("--data_prep", action="store_true", help="time data preparation instead of training")
     parser.add_argument("--samples", type=int, default=100_000, help="--data_prep: number of conversations")
     parser.add_argument("--num_proc", type=int, nargs="*", default=[1, 2], help="--data_prep: tokenizer processes")
@@ -465,6 +466,10 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    if args.plot and not args.data_prep:
+        from plot_bench import plot_bench
+
+        print(f"wrote {plot_bench(results, args.plot)}")
     return 0
 
 

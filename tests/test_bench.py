@@ -1,0 +1,39 @@
+"""The training benchmark runs on the CPU in CI time: table, JSON and plot; data preparation too."""
+
+import json
+import os
+import sys
+
+import matplotlib.image
+from conftest import ROOT, run
+
+BENCH = os.path.join(ROOT, "bench", "bench_training.py")
+
+
+def test_training_benchmark_prints_table_json_and_plot(tmp_path):
+    result = run([sys.executable, BENCH, "--device", "cpu", "--model", "tiny", "--steps", "1", "--warmup", "0",
+                  "--rows", "1", "--recipes", "0", "4", "--json", str(tmp_path / "b.json"),
+                  "--plot", str(tmp_path / "b.png")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| seed: LoRA r8 q,v, batch 1, padded to 512 |" in result.stdout
+    assert "| LoRA q,v, 1x512 packed, fused loss |" in result.stdout
+
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from bench_training import MODELS, synthetic_samples
+
+    seed, packed = json.loads((tmp_path / "b.json").read_text())["results"]
+    first_sample = synthetic_samples(8, MODELS["tiny"]["vocab_size"])[0]["length"]
+    assert seed["real_tokens"] == first_sample  # batch 1: one sample, its padding to 512 not counted
+    assert 480 < packed["real_tokens"] <= 512  # one packed row, nearly full
+    assert packed["loss"] == "fused" and seed["loss"] == "logits"
+    assert seed["tokens_per_s"] > 0 and packed["tokens_per_s"] > 0 and packed["peak_mib"] > 0
+    assert matplotlib.image.imread(tmp_path / "b.png").shape[0] > 100
+
+
+def test_data_preparation_benchmark(tmp_path):
+    result = run([sys.executable, BENCH, "--data_prep", "--samples", "300", "--num_proc", "1",
+                  "--json", str(tmp_path / "prep.json")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    timings = json.loads((tmp_path / "prep.json").read_text())
+    assert timings["samples"] == 300 and timings["tokenize_num_proc_1_s"] > 0 and timings["pack_s"] > 0
+    assert "pack into rows of 512" in result.stdout
