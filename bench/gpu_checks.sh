@@ -23,7 +23,7 @@ bench() { python3 bench/bench_training.py --device "$device" --model "$model" --
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee "$out/gpu_machine.txt" || true
 # Seed recipe against ours (chunked vs fused loss, checkpointing, compiled layers), LoRA, full bf16 AdamW and
 # full with fp32 master weights, ROWS rows of 512. RECIPES="4 6" runs fewer (indices into bench_training.RECIPES).
-bench --recipes ${RECIPES:-0 1 3 4 5 6 7 9 10 11 12 13 14} --json "$out/gpu_table.json" \
+bench --recipes ${RECIPES:-0 1 3 4 5 6 7 9 10 11 12 13 14} --json "$out/gpu_table.json" --plot "$out/gpu_table.png" \
     | tee "$out/gpu_table.txt"
 # Where the time goes now: per-op profile of the fastest LoRA recipes (eager and compiled).
 bench --recipes 4 6 --profile 2 --profile_rows 25 --json "$out/gpu_profile.json" | tee "$out/gpu_profile.txt"
