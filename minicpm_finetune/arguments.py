@@ -37,7 +37,8 @@ class ModelArguments:
     lora_target_modules: str | None = field(default=None, metadata={
         "help": "comma-separated module names or all-linear (default: q_proj,v_proj for MiniCPM/Llama)"})
     qlora: bool = field(default=False, metadata={
-        "help": "QLoRA: base weights in 4-bit NF4 (bitsandbytes, CUDA only), LoRA adapter in fp32; implies --use_lora"})
+        "help": "QLoRA: base weights in 4-bit NF4 (bitsandbytes; on the CPU bitsandbytes >= 0.50), LoRA adapter in fp32; "
+                "implies --use_lora"})
 
 
 @dataclass
@@ -135,15 +136,21 @@ def explain_training_error(message: str) -> str:
 
 
 def check_qlora(training_args) -> None:
-    """4-bit QLoRA needs bitsandbytes and a CUDA GPU: say so before anything is loaded."""
-    import importlib.util
+    """4-bit QLoRA needs bitsandbytes: any release on a CUDA GPU, 0.50 or newer on the CPU (its CPU
+    backend). Say so before anything is loaded."""
+    from importlib.metadata import PackageNotFoundError, version
 
     import torch
+    from packaging.version import Version
 
-    if training_args.use_cpu or not torch.cuda.is_available():
-        raise ArgumentError("--qlora needs a CUDA GPU (bitsandbytes 4-bit weights); use --use_lora on CPU")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ArgumentError("--qlora needs bitsandbytes: pip install bitsandbytes")
+    try:
+        installed = version("bitsandbytes")
+    except PackageNotFoundError:
+        raise ArgumentError("--qlora needs bitsandbytes: pip install bitsandbytes") from None
+    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    if on_cpu and Version(installed) < Version("0.50"):
+        raise ArgumentError(f"--qlora on the CPU needs bitsandbytes >= 0.50 (installed: {installed}); "
+                            "upgrade it, use a CUDA GPU, or train with --use_lora")
 
 
 def check_compile_layers(training_args) -> None:

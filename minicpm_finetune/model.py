@@ -37,12 +37,13 @@ def lora_target_modules(model_args, config) -> list[str] | str:
 
 
 def qlora_kwargs(training_args) -> dict:
-    """from_pretrained arguments for 4-bit NF4 base weights (bf16 compute) on this process's GPU."""
+    """from_pretrained arguments for 4-bit NF4 base weights on this process's device; the 4-bit matmuls
+    compute in the training dtype (bf16 with --bf16, fp16 with --fp16 on GPUs without bf16, else fp32)."""
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16)
-    return {"quantization_config": quantization, "device_map": {"": training_args.local_process_index}}
+                                      bnb_4bit_compute_dtype=load_dtype(training_args))
+    return {"quantization_config": quantization, "device_map": {"": training_args.device}}
 
 
 def load_model(model_args, training_args):
