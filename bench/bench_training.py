@@ -70,6 +70,7 @@ class Recipe(NamedTuple):
     checkpointing: bool = False
     compiled: bool = False  # torch.compile each decoder layer (finetune.py --compile_layers)
     master: bool = False  # full fine-tuning with fp32 master weights, as DeepSpeed's bf16 optimizer keeps them
+    four_bit: bool = False  # QLoRA: base weights in 4-bit NF4 (bitsandbytes), as finetune.py --qlora
 
 
 RECIPES = [
@@ -91,6 +92,9 @@ RECIPES = [
            master=True),
     Recipe("full, fp32 master AdamW, {B}x512 packed, fused loss, checkpointing, compiled layers", False, "rows",
            checkpointing=True, compiled=True, master=True),
+    Recipe("QLoRA (4-bit) q,v, {B}x512 packed, fused loss", True, "rows", four_bit=True),
+    Recipe("QLoRA (4-bit) q,v, {B}x512 packed, fused loss, checkpointing", True, "rows", checkpointing=True,
+           four_bit=True),
 ]
 
 
@@ -147,6 +151,27 @@ def build_model(name: str, device: str, dtype: torch.dtype, attn: str):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     return model
+
+
+def save_random_model(name: str, dtype: torch.dtype, folder: str) -> int:
+    """The recipe's random model saved to `folder` (built on the CPU), for a 4-bit load; its parameter count."""
+    model = build_model(name, "cpu", dtype, "sdpa")
+    n_params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(folder)
+    return n_params
+
+
+def load_four_bit(folder: str, device: str, dtype: torch.dtype, attn: str):
+    """As finetune.py --qlora loads a model: NF4 weights, double quantization, matmuls in `dtype`."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map={"": device},
+                                                 dtype=dtype, attn_implementation=attn)
+    model.config.use_cache = False
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def supports_chunked_loss(model) -> bool:
@@ -225,6 +250,9 @@ def run_recipe(recipe: Recipe, args, samples, dtype):
     chunked = loss_kind != "logits"
     rows = args.rows if recipe.rows == "rows" else recipe.rows
     label = recipe.name.format(B=args.rows)
+    four_bit_folder = tempfile.TemporaryDirectory() if recipe.four_bit else None
+    if four_bit_folder:  # saved before memory is measured: only the 4-bit model counts
+        n_params = save_random_model(args.model, dtype, four_bit_folder.name)
     release_memory(args.device)
     import psutil
 
@@ -232,14 +260,18 @@ def run_recipe(recipe: Recipe, args, samples, dtype):
     sampler = PeakRSS() if args.device == "cpu" else None
     if sampler:
         sampler.__enter__()
-    model = build_model(args.model, args.device, dtype, args.attn)
+    if four_bit_folder:
+        model = load_four_bit(four_bit_folder.name, args.device, dtype, args.attn)
+        four_bit_folder.cleanup()
+    else:
+        model = build_model(args.model, args.device, dtype, args.attn)
+        n_params = sum(p.numel() for p in model.parameters())
     if chunked and not supports_chunked_loss(model):
         if sampler:
             sampler.__exit__(None, None, None)
         return {"recipe": label, "skipped": "the model has no chunked loss"}
     if chunked:
         model.loss_fused = loss_kind == "fused"
-    n_params = sum(p.numel() for p in model.parameters())
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora and (checkpointing or compiled):  # as load_model does: one compiled graph serves layer 0 too
@@ -291,7 +323,7 @@ def run_recipe(recipe: Recipe, args, samples, dtype):
     tokens_per_s = tokens / seconds
     flops_per_token = (4 if lora else 6) * n_params
     result = {"recipe": label, "lora": lora, "rows": rows, "packed": packed, "loss": loss_kind,
-              "checkpointing": checkpointing, "compiled_layers": compiled, "master_weights": recipe.master, "steps": args.steps, "real_tokens": tokens, "seconds": seconds,
+              "checkpointing": checkpointing, "compiled_layers": compiled, "master_weights": recipe.master, "four_bit": recipe.four_bit, "steps": args.steps, "real_tokens": tokens, "seconds": seconds,
               "tokens_per_s": tokens_per_s, "peak_mib": peak_mib, "n_params": n_params,
               "flops_per_token": flops_per_token,
               "mfu": flops_per_token * tokens_per_s / (args.peak_tflops * 1e12) if args.peak_tflops else None,
