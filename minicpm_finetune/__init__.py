@@ -4,10 +4,17 @@ Importing the package registers the native MiniCPM implementation (``model_type:
 with transformers' Auto classes, so official checkpoints load without remote code.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+import logging
 
-from .configuration_minicpm import MiniCPMConfig
-from .modeling_minicpm import MiniCPMForCausalLM, MiniCPMModel
+# bitsandbytes' CPU backend (imported by PEFT whenever it is installed) warns on stderr that the optional
+# `kernels` package is missing and uses its plain torch path instead: noise in every command, and it
+# would break the one-line error messages. Real bitsandbytes errors (ERROR level) still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
+
+from .configuration_minicpm import MiniCPMConfig  # noqa: E402
+from .modeling_minicpm import MiniCPMForCausalLM, MiniCPMModel  # noqa: E402
 
 # Registered classes whose module is outside `transformers.` count as "explicit local code" in
 # transformers 5: the Auto classes then use them even when config.json has an `auto_map` to remote
