@@ -303,6 +303,22 @@ def test_fused_loss_in_bf16_matches_the_checkpointed_path():
         torch.testing.assert_close(fused_value, checkpointed_value, atol=2e-3, rtol=2e-2)
 
 
+def test_fused_loss_under_autocast_matches_the_checkpointed_path():
+    """fp32 weights under bf16 autocast (the Trainer's --bf16 over an fp32 head, e.g. QLoRA's fp32 lm_head)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 20, 32, requires_grad=True)
+    head = torch.nn.Linear(32, 101, bias=False)
+    labels = torch.randint(0, 101, (2, 20))
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = causal_lm_loss(hidden, head, labels, chunk_size=16, fused=fused)
+        results.append((loss, *torch.autograd.grad(loss, (hidden, head.weight))))
+    for fused_value, checkpointed_value in zip(*results):
+        assert fused_value.dtype == checkpointed_value.dtype == torch.float32
+        torch.testing.assert_close(fused_value, checkpointed_value, atol=2e-3, rtol=2e-2)
+
+
 @pytest.mark.parametrize("weight_trained", [False, True])
 def test_fused_loss_computes_lm_head_once_less(weight_trained):
     """The checkpointed path runs lm_head again in backward; the fused one does not: for a frozen head
