@@ -164,12 +164,12 @@ def save_random_model(name: str, dtype: torch.dtype, folder: str) -> int:
 def load_four_bit(folder: str, device: str, dtype: torch.dtype, attn: str):
     """As finetune.py --qlora loads a model: NF4 weights, double quantization, matmuls in `dtype`."""
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, device_map={"": device},
-                                                 dtype=dtype, attn_implementation=attn)
+    from minicpm_finetune.model import qlora_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn,
+                                                 **qlora_kwargs(dtype, device))
     model.config.use_cache = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 

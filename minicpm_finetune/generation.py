@@ -73,10 +73,15 @@ class PromptTooLong(ValueError):
                          f"the context limit of {max_length}")
 
 
-def prompt_length(tokenizer, messages: list[dict]) -> int:
-    """Tokens of the prompt as ``generate_replies`` feeds it (rendered with the generation prompt)."""
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The ids ``generate_replies`` feeds for a prompt: rendered with the generation prompt; the text
+    carries bos itself, so it is tokenized as training does (data.encode), without special tokens."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def prompt_length(tokenizer, messages: list[dict]) -> int:
+    return len(prompt_ids(tokenizer, messages))
 
 
 def fit_prompt(tokenizer, messages: list[dict], max_length: int | None,
@@ -205,10 +210,7 @@ def generate_replies(model, tokenizer, prompts_messages: list[list[dict]], max_n
     share = list(range(rank, len(prompts_messages), world))
     padded = share + [share[0] if share else 0] * (math.ceil(len(prompts_messages) / world) - len(share))
 
-    texts = [tokenizer.apply_chat_template(prompts_messages[i], tokenize=False, add_generation_prompt=True)
-             for i in padded]
-    # The rendered text carries bos itself; tokenize it as training does (data.encode).
-    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    encoded = [prompt_ids(tokenizer, prompts_messages[i]) for i in padded]
     order = sorted(range(len(padded)), key=lambda j: -len(encoded[j]))  # longest first: OOM shows early
 
     stop_ids = stop_token_ids(tokenizer)

@@ -36,14 +36,14 @@ def lora_target_modules(model_args, config) -> list[str] | str:
     return default_lora_target_modules(config)
 
 
-def qlora_kwargs(training_args) -> dict:
-    """from_pretrained arguments for 4-bit NF4 base weights on this process's device; the 4-bit matmuls
-    compute in the training dtype (bf16 with --bf16, fp16 with --fp16 on GPUs without bf16, else fp32)."""
+def qlora_kwargs(compute_dtype: torch.dtype, device) -> dict:
+    """from_pretrained arguments for 4-bit NF4 base weights on `device`, the 4-bit matmuls computing in
+    `compute_dtype` (the training dtype: bf16 with --bf16, fp16 with --fp16 on GPUs without bf16, else fp32)."""
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=load_dtype(training_args))
-    return {"quantization_config": quantization, "device_map": {"": training_args.device}}
+                                      bnb_4bit_compute_dtype=compute_dtype)
+    return {"quantization_config": quantization, "device_map": {"": device}}
 
 
 def load_model(model_args, training_args):
@@ -53,12 +53,14 @@ def load_model(model_args, training_args):
     --qlora loads them in 4-bit NF4 instead and prepares the model for k-bit training.
     """
     qlora = getattr(model_args, "qlora", False)
+    compile_layers = getattr(training_args, "compile_layers", False)
+    dtype = load_dtype(training_args)
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
-        dtype=load_dtype(training_args),
+        dtype=dtype,
         attn_implementation=model_args.attn_implementation,
         trust_remote_code=model_args.trust_remote_code,
-        **(qlora_kwargs(training_args) if qlora else {}),
+        **(qlora_kwargs(dtype, training_args.device) if qlora else {}),
     )
     model.config.use_cache = False  # the KV cache is for generation, not training
     if qlora:
@@ -66,7 +68,7 @@ def load_model(model_args, training_args):
 
         # Norms and embeddings to fp32 for stable training; checkpointing is left to the Trainer's flag.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    if training_args.activation_checkpointing or getattr(training_args, "compile_layers", False):
+    if training_args.activation_checkpointing or compile_layers:
         # Frozen embeddings under LoRA give inputs without grad; checkpointed blocks still need one, and
         # compiled layers then share one graph (else layer 0, whose input needs no grad, gets its own).
         model.enable_input_require_grads()
@@ -79,7 +81,7 @@ def load_model(model_args, training_args):
         model = get_peft_model(model, lora)  # adapters are kept in fp32 even over bf16 weights
         if training_args.process_index == 0:
             model.print_trainable_parameters()
-    if getattr(training_args, "compile_layers", False):
+    if compile_layers:
         count = compile_decoder_layers(model)  # after PEFT: the LoRA layers are traced into each layer's graph
         if training_args.process_index == 0:
             print(f"compile_layers: {count} decoder layers will be compiled on their first training steps")

@@ -227,7 +227,7 @@ def test_qlora_trains_with_packing_and_checkpointing(data_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from minicpm_finetune.arguments import parse_args
-    from minicpm_finetune.model import qlora_kwargs
+    from minicpm_finetune.model import load_dtype, qlora_kwargs
     from minicpm_finetune.tiny import build_tiny
 
     # bitsandbytes' CPU inference kernel needs every in_features to be a multiple of its 64-value blocks,
@@ -248,7 +248,7 @@ def test_qlora_trains_with_packing_and_checkpointing(data_dir, tmp_path):
     assert len(losses) == 8 and losses[-1] < losses[0], losses
 
     _, _, training_args = parse_args(args)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, **qlora_kwargs(training_args))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, **qlora_kwargs(load_dtype(training_args), training_args.device))
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "out")).eval()
     ids = torch.tensor([[1, 5, 9, 14, 20, 33, 41, 2]])
     with torch.no_grad():
