@@ -6,6 +6,8 @@
 `lora_finetune.sh` (one GPU, LoRA) and `sft_finetune.sh` (DeepSpeed, full parameters) call this file.
 """
 
+import minicpm_finetune  # noqa: F401, I001 - first: quiets third-party import-time notices before they print
+
 import os
 import sys
 
@@ -18,7 +20,8 @@ from minicpm_finetune.data import IGNORE_INDEX, DataError, check_files, load_con
 from minicpm_finetune.generation import eval_samples, generation_kwargs, save_metrics, save_predictions
 from minicpm_finetune.model import load_model, load_tokenizer
 from minicpm_finetune.packing import PackingCollator, pack_dataset, packing_summary
-from minicpm_finetune.safety import NonFiniteLossError, ProcessReport
+from minicpm_finetune.outputs import OutputDirError, clear_previous_run, is_out_of_space, lock_output_dir
+from minicpm_finetune.safety import NonFiniteLossError, ProcessReport, checkpoint_step, latest_checkpoint
 from minicpm_finetune.trainer import MiniCPMTrainer
 
 
@@ -27,6 +30,27 @@ def fail(message: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def stop(trainer, why: str, status: int, saved: bool) -> None:
+    """The run cannot go on: one line saying what is kept on disk and how to go on from it."""
+    good, _ = latest_checkpoint(trainer.args.output_dir)
+    if saved:
+        kept = f"the trained model is saved in {trainer.args.output_dir}; only the final evaluation is missing"
+    elif good:
+        kept = (f"kept {good} (step {checkpoint_step(good)}); continue with the same command and "
+                "--resume_from_checkpoint true")
+    else:
+        kept = "no complete checkpoint was saved yet; run the command again to start over"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {why} at step {trainer.state.global_step}: {kept}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(status)  # no interpreter teardown: dataloader and process-group threads could print tracebacks
 
 
 def prepare_data(data_args, training_args, tokenizer):
@@ -96,6 +120,17 @@ def main(argv=None):
         flash = (model_args.attn_implementation or "").startswith("flash_attention")
         collator = PackingCollator(tokenizer, flatten=flash, fallback=collator)
 
+    if training_args.process_index == 0:
+        try:  # the data is good: this run now owns the folder (until it exits, even by a kill)
+            lock_output_dir(training_args.output_dir)
+        except OutputDirError as e:
+            fail(str(e))
+        if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
+            removed = clear_previous_run(training_args.output_dir)
+            if removed:
+                print(f"--overwrite_output_dir: removed the earlier run's {len(removed)} file(s) and checkpoint(s) "
+                      f"from {training_args.output_dir}")
+
     model = load_model(model_args, training_args)
     trainer = MiniCPMTrainer(
         model=model,
@@ -111,18 +146,31 @@ def main(argv=None):
             training_args.top_p)),
         callbacks=[ProcessReport()],
     )
+    saved = False
     try:  # resume_from_checkpoint: a complete checkpoint folder (arguments.py resolves "true"/"latest")
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        # LoRA: the adapter; full: the whole model (gathered under ZeRO-3); both + tokenizer. Staged and
+        # moved in (outputs.save_final_model): a kill during the save leaves no config beside partial weights.
+        trainer.save_model()
+        trainer.save_state()
+        saved = True
+        evaluate_at_end(trainer, datasets, samples, training_args)
     except NonFiniteLossError as e:
         fail(str(e))
-    trainer.save_model()  # LoRA: the adapter; full: the whole model (gathered under ZeRO-3); both + tokenizer
-    trainer.save_state()
-
-    evaluate_at_end(trainer, datasets, samples, training_args)
+    except KeyboardInterrupt:
+        stop(trainer, "interrupted (Ctrl-C)", 130, saved)
+    except Exception as e:
+        if not is_out_of_space(e):
+            raise
+        stop(trainer, f"out of disk space ({first_line(e)})", 2, saved)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit ("terminate called")
     return trainer
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # while checking or loading (during training, main says what was kept)
+        print("error: interrupted (Ctrl-C) before training started; nothing to resume", file=sys.stderr)
+        sys.exit(130)

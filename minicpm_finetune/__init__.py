@@ -9,7 +9,12 @@ import logging
 # bitsandbytes' CPU backend (imported by PEFT whenever it is installed) warns on stderr that the optional
 # `kernels` package is missing and uses its plain torch path instead: noise in every command, and it
 # would break the one-line error messages. Real bitsandbytes errors (ERROR level) still show.
+# Entry points import this package before torch, transformers or PEFT (finetune.py does it first of all), so
+# the level is set before bitsandbytes is imported and logs it.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# DeepSpeed (imported by transformers when a Trainer starts) says on stdout that it falls back to the CPU,
+# in the middle of the run's own output; a filter outlives the level DeepSpeed sets on its logger at import.
+logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import transformers
 
 from .data import FORMATS
+from .metrics import METRIC_KEYS
+from .outputs import SHAPE_KEYS, OutputDirError, check_output_dir
 from .safety import resolve_resume
 
 
@@ -74,6 +76,9 @@ class TrainingArguments(transformers.TrainingArguments):
     packing: bool = field(default=False, metadata={
         "help": "pack training samples into rows of up to model_max_length tokens (no padding; attention and "
                 "labels stay inside each sample); per_device_train_batch_size then counts rows"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "replace the model, adapter, state and checkpoints of an earlier run in --output_dir (default: "
+                "a folder holding another run is refused)"})
     compile_layers: bool = field(default=False, metadata={
         "help": "torch.compile each decoder layer in place (regional compilation): fuses the norms, rotary, "
                 "SwiGLU and residual scalings; the first training steps are slower while it compiles, and "
@@ -120,11 +125,177 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         check_compile_layers(training_args)
     if training_args.max_new_tokens <= 0:
         raise ArgumentError(f"--max_new_tokens must be positive, got {training_args.max_new_tokens}")
+    check_numbers(training_args)
+    check_integrations(training_args)
+    check_best_model_metric(training_args)
+    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
+        raise ArgumentError(f"--output_dir {training_args.output_dir} is a file, not a folder")
     try:  # "true"/"latest" becomes the newest complete checkpoint-N in --output_dir
         training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint,
                                                               training_args.output_dir)
     except ValueError as e:
         raise ArgumentError(str(e)) from None
+    config = read_model_config(model_args)
+    check_against_model(model_args, training_args, config)
+    try:
+        check_output_dir(training_args.output_dir, run_settings(model_args, config),
+                         training_args.resume_from_checkpoint, training_args.overwrite_output_dir,
+                         check_lock=int(os.environ.get("RANK", "0")) == 0)  # rank 0 alone takes the lock
+    except OutputDirError as e:
+        raise ArgumentError(str(e)) from None
+
+
+def check_numbers(training_args) -> None:
+    """Learning rate, batch sizes and accumulation that no step could use."""
+    import math
+
+    lr = training_args.learning_rate
+    if not math.isfinite(lr) or lr <= 0:
+        raise ArgumentError(f"--learning_rate must be a positive number, got {lr}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(training_args, name) <= 0:
+            raise ArgumentError(f"--{name} must be at least 1, got {getattr(training_args, name)}")
+    for name in ("weight_decay", "num_train_epochs", "max_grad_norm", "warmup_ratio"):
+        value = getattr(training_args, name, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ArgumentError(f"--{name} must be a finite number, got {value}")
+
+
+# pip package of each --report_to backend whose name differs from it
+REPORT_TO_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "trackio": "trackio"}
+
+
+def check_integrations(training_args) -> None:
+    """--report_to backends and optional kernels: installed, known, and effective; else one line now
+    instead of a traceback after the data is tokenized and the model loaded."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    available = set(get_available_reporting_integrations())
+    for backend in training_args.report_to or []:
+        if backend == "kubeflow":  # added by transformers itself when kubeflow is there
+            continue
+        if backend not in INTEGRATION_TO_CALLBACK:
+            raise ArgumentError(f"--report_to {backend}: unknown; choose from none, all, "
+                                f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        if backend not in available:
+            package = REPORT_TO_PACKAGES.get(backend, backend)
+            raise ArgumentError(f"--report_to {backend}: {package} is not installed (pip install {package}), "
+                                "or use --report_to none")
+
+
+def check_best_model_metric(training_args) -> None:
+    """--metric_for_best_model must name a metric each evaluation reports (else the Trainer stops mid-run)."""
+    metric = training_args.metric_for_best_model
+    if not metric:
+        return
+    name = metric[len("eval_"):] if metric.startswith("eval_") else metric
+    computed = ["loss"] + (list(METRIC_KEYS) if training_args.eval_generation else [])
+    if name in computed:
+        return
+    hint = (" (ROUGE and BLEU need --eval_generation true)"
+            if name in METRIC_KEYS else "")
+    raise ArgumentError(f"--metric_for_best_model {metric}: this run's evaluations report {', '.join(computed)}"
+                        f"{hint}")
+
+
+def read_model_config(model_args):
+    """The model's config (cheap: no weights), or None when it cannot be read now (a hub id offline,
+    remote code); a local folder without config.json is an error."""
+    from transformers import AutoConfig
+
+    path = model_args.model_name_or_path
+    if looks_local(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ArgumentError(f"--model_name_or_path {path}: no config.json in this folder (not a model folder, "
+                            "or its download is incomplete)")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+    except Exception:  # noqa: BLE001 - loading the model reports it with the full story
+        return None
+
+
+def check_against_model(model_args, training_args, config) -> None:
+    """What the config tells before the weights load: LoRA target names, the context length, Liger."""
+    if config is None:
+        if getattr(training_args, "use_liger_kernel", False):
+            check_liger(None)
+        return
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and training_args.model_max_length > limit and int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: --model_max_length {training_args.model_max_length} is beyond the model's {limit} "
+              "positions; samples that long may train badly")
+    if model_args.use_lora:
+        check_lora_targets(model_args, config)
+    if getattr(training_args, "use_liger_kernel", False):
+        check_liger(config)
+
+
+def check_liger(config) -> None:
+    """Liger patches only the model types it knows; for MiniCPM it would log a warning and do nothing.
+    (The native MiniCPM here already computes its loss in chunks without full logits: loss.py.)"""
+    from importlib.util import find_spec
+
+    if config is not None and config.model_type.startswith("minicpm"):
+        raise ArgumentError(f"--use_liger_kernel has no effect on {config.model_type} (Liger Kernel does not patch "
+                            "it; the native model already computes the loss in chunks without full logits): "
+                            "drop the flag")
+    if find_spec("liger_kernel") is None:
+        raise ArgumentError("--use_liger_kernel needs liger-kernel: pip install liger-kernel")
+
+
+def empty_model(model_args, config):
+    """The model built on the meta device (no memory, no weights) for its module names; None if it cannot be."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    except Exception:  # noqa: BLE001 - PEFT will check the names on the real model
+        return None
+
+
+# Layer types PEFT's LoRA can wrap.
+LORA_LAYER_TYPES = ("Linear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "Conv1D", "MultiheadAttention")
+
+
+def check_lora_targets(model_args, config) -> None:
+    """Every --lora_target_modules name must match a layer LoRA can wrap (PEFT's rule: the module's full
+    name, or its ending after a dot); a misspelled one among valid ones is an error too."""
+    from .model import lora_target_modules
+
+    targets = lora_target_modules(model_args, config)
+    if targets == "all-linear":
+        return
+    model = empty_model(model_args, config)
+    if model is None:
+        return
+    modules = [(name, type(module).__name__) for name, module in model.named_modules() if name]
+    wrappable = sorted({name.rsplit(".", 1)[-1] for name, kind in modules if kind in LORA_LAYER_TYPES} - {"lm_head"})
+    bad = []
+    for target in targets:
+        kinds = {kind for name, kind in modules if name == target or name.endswith("." + target)}
+        if not kinds & set(LORA_LAYER_TYPES):
+            bad.append(target if not kinds else f"{target} (a {sorted(kinds)[0]}, not a layer LoRA can wrap)")
+    if bad:
+        raise ArgumentError(f"--lora_target_modules: {', '.join(bad)} matches no layer of this "
+                            f"{config.model_type} model; its layers: {', '.join(wrappable)} (or all-linear)")
+
+
+def run_settings(model_args, config) -> dict:
+    """This run's settings as outputs.settings_of reads them from a saved model or checkpoint."""
+    if not model_args.use_lora:
+        return {"kind": "full", **{key: getattr(config, key, None) for key in SHAPE_KEYS}} if config else {"kind": "full"}
+    from .model import lora_target_modules
+
+    targets = lora_target_modules(model_args, config) if config is not None or model_args.lora_target_modules else None
+    if targets == "all-linear":  # PEFT saves the names it expanded to
+        model = empty_model(model_args, config) if config is not None else None
+        targets = None if model is None else sorted(
+            {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if type(module).__name__ == "Linear"} - {"lm_head"})
+    return {"kind": "LoRA", "lora_r": model_args.lora_r, "lora_alpha": model_args.lora_alpha,
+            "lora_dropout": model_args.lora_dropout, "lora_target_modules": sorted(targets) if targets else None,
+            "base": model_args.model_name_or_path}
 
 
 def explain_training_error(message: str) -> str:
@@ -165,6 +336,10 @@ def check_compile_layers(training_args) -> None:
                             "the compiled graphs); use a ZeRO-2 config or drop --compile_layers")
 
 
+def one_line_error(message: str):
+    raise ArgumentError(message)
+
+
 def looks_local(name: str) -> bool:
     """A path rather than a hub id ("owner/name")."""
     return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") != 1
@@ -183,10 +358,14 @@ def parse_args(argv=None):
                 raise ArgumentError(f"--deepspeed {argv[index]}: config file not found")
             try:
                 with open(argv[index], encoding="utf-8") as f:
-                    json.load(f)
+                    ds_config = json.load(f)
             except ValueError as e:
                 raise ArgumentError(f"--deepspeed {argv[index]}: not valid JSON ({e})") from None
+            if not isinstance(ds_config, dict):
+                raise ArgumentError(f"--deepspeed {argv[index]}: a DeepSpeed config is a JSON object "
+                                    f"({{...}}), this file holds a {type(ds_config).__name__}")
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser.error = one_line_error  # a bad value (--learning_rate abc): one line, not the whole usage
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # TrainingArguments' own checks (bf16 support, fp16 with bf16, ...)

@@ -4,8 +4,9 @@ Resuming: ``--resume_from_checkpoint PATH``, or ``true`` / ``latest`` for the ne
 checkpoint in ``--output_dir``. transformers writes ``checkpoint-N`` in place (model, optimizer,
 scheduler, RNG states, then ``trainer_state.json`` last; under DeepSpeed after a barrier), and its
 own ``get_last_checkpoint`` takes the highest N whether or not it was finished. Here a checkpoint
-counts only when its ``trainer_state.json`` parses and records step N, so a folder cut off by a
-crash mid-save is never picked.
+counts only when its ``trainer_state.json`` parses and records step N and its weight, optimizer,
+scheduler and RNG files are whole (``is_whole_file``), so a folder cut off by a crash mid-save, or
+whose files were truncated later (a full disk, a copy cut short), is never picked.
 
 Numerical faults: ``NonFiniteLossGuard`` checks each micro-batch's loss (on every process, agreed
 with one all-reduce) and raises ``NonFiniteLossError`` before the optimizer applies a NaN/inf
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 
 import torch
 from transformers import TrainerCallback
@@ -37,14 +39,39 @@ def checkpoint_step(path: str) -> int | None:
 
 
 def is_complete_checkpoint(path: str) -> bool:
-    """A checkpoint folder whose trainer_state.json (written last) is readable and names its step."""
+    """A checkpoint folder whose trainer_state.json (written last) is readable and names its step, that
+    holds model weights, and whose weight, optimizer, scheduler and RNG files are all whole."""
     try:
         with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
             state = json.load(f)
     except (OSError, ValueError):
         return False
     step = checkpoint_step(path)
-    return step is None or state.get("global_step") == step
+    if step is not None and state.get("global_step") != step:
+        return False
+    files = [os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names]
+    has_weights = any(name.endswith((".safetensors", "model.bin")) or "model_states" in name
+                      for name in map(os.path.basename, files))
+    return has_weights and all(is_whole_file(f) for f in files)
+
+
+def is_whole_file(path: str) -> bool:
+    """Cheap structural check, reading only headers and ends: a .safetensors file is as long as its
+    header says; a torch.save file (.pt/.pth/.bin, a zip) has its central directory. Other files pass."""
+    try:
+        if path.endswith(".safetensors"):
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                header_length = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_length))
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+            return size == 8 + header_length + max(ends, default=0)
+        if path.endswith((".pt", ".pth", ".bin")):
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+    except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile):
+        return False
+    return True
 
 
 def latest_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
@@ -77,8 +104,8 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     if not os.path.isdir(value):
         raise ValueError(f"--resume_from_checkpoint {value}: folder not found")
     if not is_complete_checkpoint(value):
-        raise ValueError(f"--resume_from_checkpoint {value}: incomplete checkpoint (no valid trainer_state.json; "
-                         "it was probably cut off while being saved)")
+        raise ValueError(f"--resume_from_checkpoint {value}: incomplete checkpoint (no valid trainer_state.json, "
+                         "or missing or truncated weight/optimizer files; it was probably cut off while being saved)")
     return value
 
 
