@@ -14,13 +14,14 @@ import sys
 import torch
 from transformers import DataCollatorForSeq2Seq, set_seed
 
-from minicpm_finetune.arguments import ArgumentError, parse_args
+from minicpm_finetune.arguments import ArgumentError, parse_args, read_model_config, run_settings
 from minicpm_finetune.curves import plot_training_curves
 from minicpm_finetune.data import IGNORE_INDEX, DataError, check_files, load_conversations, tokenize_dataset
 from minicpm_finetune.generation import eval_samples, generation_kwargs, save_metrics, save_predictions
 from minicpm_finetune.model import load_model, load_tokenizer
 from minicpm_finetune.packing import PackingCollator, pack_dataset, packing_summary
-from minicpm_finetune.outputs import OutputDirError, clear_previous_run, is_out_of_space, lock_output_dir
+from minicpm_finetune.outputs import (OutputDirError, check_output_dir, clear_previous_run, lock_output_dir,
+                                      out_of_space)
 from minicpm_finetune.safety import NonFiniteLossError, ProcessReport, checkpoint_step, latest_checkpoint
 from minicpm_finetune.trainer import MiniCPMTrainer
 
@@ -32,18 +33,13 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def stop(trainer, why: str, status: int, saved: bool) -> None:
+def stop(trainer, why: str, status: int, saved: bool, then: str = "continue") -> None:
     """The run cannot go on: one line saying what is kept on disk and how to go on from it."""
     good, _ = latest_checkpoint(trainer.args.output_dir)
     if saved:
         kept = f"the trained model is saved in {trainer.args.output_dir}; only the final evaluation is missing"
     elif good:
-        kept = (f"kept {good} (step {checkpoint_step(good)}); continue with the same command and "
+        kept = (f"kept {good} (step {checkpoint_step(good)}); {then} with the same command and "
                 "--resume_from_checkpoint true")
     else:
         kept = "no complete checkpoint was saved yet; run the command again to start over"
@@ -121,9 +117,12 @@ def main(argv=None):
         collator = PackingCollator(tokenizer, flatten=flash, fallback=collator)
 
     if training_args.process_index == 0:
-        try:  # the data is good: this run now owns the folder (until it exits, even by a kill)
+        try:  # the data is good: this run now owns the folder (until it exits, even by a kill) ...
             lock_output_dir(training_args.output_dir)
-        except OutputDirError as e:
+            # ... and checks it again under the lock: a run that ended since parse_args may have filled it.
+            check_output_dir(training_args.output_dir, run_settings(model_args, read_model_config(model_args)),
+                             training_args.resume_from_checkpoint, training_args.overwrite_output_dir, check_lock=False)
+        except (OutputDirError, ArgumentError) as e:
             fail(str(e))
         if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
             removed = clear_previous_run(training_args.output_dir)
@@ -160,9 +159,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         stop(trainer, "interrupted (Ctrl-C)", 130, saved)
     except Exception as e:
-        if not is_out_of_space(e):
+        reason = out_of_space(e, training_args.output_dir)
+        if reason is None:
             raise
-        stop(trainer, f"out of disk space ({first_line(e)})", 2, saved)
+        stop(trainer, f"cannot write to {training_args.output_dir} ({reason})", 2, saved,
+             "free some space, then continue")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit ("terminate called")
     return trainer

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             converted[split] = _convert_records(src, args.system, args.skip_bad)
     except AdvertiseGenDataError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except OSError as e:
         print(f"error: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import transformers
 
 from .data import FORMATS
 from .metrics import METRIC_KEYS
-from .outputs import SHAPE_KEYS, OutputDirError, check_output_dir
+from .outputs import SHAPE_KEYS, OutputDirError, check_output_dir, check_output_path
 from .safety import resolve_resume
 
 
@@ -128,8 +128,10 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
     check_numbers(training_args)
     check_integrations(training_args)
     check_best_model_metric(training_args)
-    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
-        raise ArgumentError(f"--output_dir {training_args.output_dir} is a file, not a folder")
+    try:
+        check_output_path(training_args.output_dir)
+    except OutputDirError as e:
+        raise ArgumentError(str(e)) from None
     try:  # "true"/"latest" becomes the newest complete checkpoint-N in --output_dir
         training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint,
                                                               training_args.output_dir)

@@ -393,7 +393,7 @@ def render_masked(tokenizer, input_ids: list[int], labels: list[int]) -> str:
 
 
 def main(argv=None) -> int:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from .templates import apply_template, resolve_chat_template
 
@@ -412,13 +412,20 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - any load failure is reported in one line
         print(f"error: cannot load tokenizer {args.tokenizer}: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    try:  # the template training would use: the flag, the tokenizer's, else the model type's
+        model_type = AutoConfig.from_pretrained(args.tokenizer).model_type
+    except (OSError, ValueError):  # a tokenizer without a model config
+        model_type = None
     try:
-        apply_template(tokenizer, resolve_chat_template(tokenizer, override=args.chat_template))
+        apply_template(tokenizer, resolve_chat_template(tokenizer, model_type, args.chat_template))
         conversations = load_conversations(args.data, args.data_format, args.skip_bad_samples)
         dataset, stats = tokenize_dataset(conversations, tokenizer, args.model_max_length)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
+    except OSError as e:  # unreadable (permissions, a folder, an I/O error)
+        print(f"error: {args.data}: cannot read ({e.strerror or e})", file=sys.stderr)
+        return 2
     print(stats.summary(args.data))
     if len(dataset):
         first = dataset[0]

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 
-from .safety import CHECKPOINT_RE, checkpoint_step
+from .safety import CHECKPOINT_RE, checkpoint_step, is_complete_checkpoint
 
 LOCK_NAME = ".finetune.lock"
 STAGING_NAME = ".final-model"
@@ -119,13 +119,8 @@ def is_locked(output_dir: str) -> bool:
     return False
 
 
-def check_output_dir(output_dir: str, wanted: dict, resume_from: str | None, overwrite: bool,
-                     check_lock: bool = True) -> None:
-    """Raise OutputDirError when ``output_dir`` cannot take this run (see the module docstring).
-
-    ``wanted``: this run's settings (as ``settings_of`` reports them); ``resume_from``: the resolved
-    checkpoint folder, or None.
-    """
+def check_output_path(output_dir: str) -> None:
+    """OutputDirError unless ``output_dir`` is a folder, or can be made as one, that this process can write in."""
     flag = f"--output_dir {output_dir}"
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise OutputDirError(f"{flag} is a file, not a folder")
@@ -137,9 +132,18 @@ def check_output_dir(output_dir: str, wanted: dict, resume_from: str | None, ove
             pass
     except OSError as e:
         raise OutputDirError(f"{flag}: cannot write in {existing} ({e.strerror})") from None
-    if not os.path.isdir(output_dir):
-        return
-    if check_lock and is_locked(output_dir):
+
+
+def check_output_dir(output_dir: str, wanted: dict, resume_from: str | None, overwrite: bool,
+                     check_lock: bool = True) -> None:
+    """Raise OutputDirError when ``output_dir`` cannot take this run (see the module docstring).
+
+    ``wanted``: this run's settings (as ``settings_of`` reports them); ``resume_from``: the resolved
+    checkpoint folder, or None.
+    """
+    check_output_path(output_dir)
+    flag = f"--output_dir {output_dir}"
+    if check_lock and os.path.isdir(output_dir) and is_locked(output_dir):
         raise OutputDirError(f"{flag} is in use by another training run; wait for it to end or choose another folder")
     if resume_from:
         saved = settings_of(resume_from)
@@ -149,7 +153,7 @@ def check_output_dir(output_dir: str, wanted: dict, resume_from: str | None, ove
                                  f"({'; '.join(changed)}): resume with the checkpoint's settings, or start a new "
                                  "run in another --output_dir")
         return
-    if overwrite:
+    if overwrite or not os.path.isdir(output_dir):
         return
     replace = "choose another --output_dir, or pass --overwrite_output_dir to replace it"
     finished = run_files(output_dir)
@@ -157,7 +161,7 @@ def check_output_dir(output_dir: str, wanted: dict, resume_from: str | None, ove
         saved = settings_of(output_dir)
         what = f"a finished {saved['kind']} fine-tuning run" if saved else "a finished run"
         raise OutputDirError(f"{flag} already holds {what} ({os.path.basename(finished[0])}, ...): {replace}")
-    found = checkpoints(output_dir)
+    found = [path for path in checkpoints(output_dir) if is_complete_checkpoint(path)]  # cut-off ones are rewritten
     if found:
         saved = settings_of(found[-1])
         changed = differences(saved, wanted) if saved else []
@@ -227,15 +231,28 @@ def move_into(staging: str, output_dir: str) -> None:
     os.rmdir(staging)
 
 
-def is_out_of_space(error: BaseException) -> bool:
-    """Whether an exception (or one it came from) means the disk or the file-size limit is full."""
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def out_of_space(error: BaseException, folder: str) -> str | None:
+    """Why writing to ``folder`` failed for lack of space ("No space left on device", "File too large"),
+    or None when ``error`` is something else. torch.save reports a full disk without an errno
+    ("unexpected pos ..."), so when the error chain does not say, a 1 MiB test write in ``folder`` does."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return True
-        text = str(error)
-        if "No space left on device" in text or "File too large" in text or "Disk quota exceeded" in text:
-            return True
+        if isinstance(error, OSError) and error.errno in SPACE_ERRNOS:
+            return os.strerror(error.errno)
+        for code in SPACE_ERRNOS:
+            if os.strerror(code) in str(error):
+                return os.strerror(code)
         error = error.__cause__ or error.__context__
-    return False
+    try:
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno in SPACE_ERRNOS:
+            return os.strerror(e.errno)
+    return None

@@ -202,7 +202,7 @@ def test_cli_bad_split_writes_no_split(tmp_path):
     write_text(src / "train.jsonl", json.dumps(GOOD) + "\n")  # good, but must not be written
     write_text(src / "dev.jsonl", BAD_JSONL)
     result = run_cli(str(src), str(out))
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: 5 bad record(s)")
     assert f"{src / 'dev.jsonl'}:2: malformed JSON" in result.stderr

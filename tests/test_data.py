@@ -178,5 +178,5 @@ def test_preview_command_reports_bad_data_in_one_line(tmp_path, tiny_model):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
     result = run(["python", "-m", "minicpm_finetune.data", "--tokenizer", tiny_model, "--data", str(bad)])
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"{bad}:1: conversation does not end with an assistant reply" in result.stderr

@@ -244,19 +244,32 @@ def test_latest_checkpoint_ignores_incomplete_ones(tmp_path):
 
     from minicpm_finetune.safety import latest_checkpoint, resolve_resume
 
-    for step, state in [(2, {"global_step": 2}), (4, {"global_step": 4}), (6, None), (8, "{\"global_"),
-                        (10, {"global_step": 3})]:
+    import torch
+    from safetensors.torch import save_file
+
+    # (step, trainer_state.json, what else is wrong): whole files are real safetensors / torch.save zips.
+    cases = [(2, {"global_step": 2}, None), (4, {"global_step": 4}, None), (6, None, None), (8, "{\"global_", None),
+             (10, {"global_step": 3}, None), (12, {"global_step": 12}, "truncated weights"),
+             (14, {"global_step": 14}, "truncated optimizer"), (16, {"global_step": 16}, "no weights")]
+    for step, state, fault in cases:
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
-        (folder / "model.safetensors").write_bytes(b"x")
+        if fault != "no weights":
+            save_file({"w": torch.ones(64)}, str(folder / "model.safetensors"))
+        torch.save({"state": {0: torch.ones(64)}}, folder / "optimizer.pt")
+        if fault:
+            name = "model.safetensors" if fault == "truncated weights" else "optimizer.pt"
+            if fault != "no weights":
+                data = (folder / name).read_bytes()
+                (folder / name).write_bytes(data[: len(data) - 40])  # a copy or save cut short
         if state is not None:
             (folder / "trainer_state.json").write_text(state if isinstance(state, str) else json.dumps(state))
-    (tmp_path / "tmp-checkpoint-12").mkdir()
+    (tmp_path / "tmp-checkpoint-18").mkdir()
     # transformers takes the highest number, finished or not.
-    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-16")
     path, incomplete = latest_checkpoint(str(tmp_path))
     assert path == str(tmp_path / "checkpoint-4")
-    assert [os.path.basename(p) for p in incomplete] == ["checkpoint-10", "checkpoint-8", "checkpoint-6"]
+    assert [os.path.basename(p) for p in incomplete] == [f"checkpoint-{n}" for n in (16, 14, 12, 10, 8, 6)]
     assert resolve_resume("latest", str(tmp_path)) == resolve_resume("true", str(tmp_path)) == path
     assert resolve_resume(None, str(tmp_path)) is None and resolve_resume("false", str(tmp_path)) is None
     with pytest.raises(ValueError, match="incomplete checkpoint"):
@@ -386,17 +399,56 @@ IMPOSSIBLE = [
     ("resume latest, none", ["--resume_from_checkpoint", "true", "--output_dir", "{tmp}/empty"],
      "no complete checkpoint-N folder"),
     ("model folder missing", ["--model_name_or_path", "{tmp}/no_model"], "no_model: folder not found"),
+    # Everything else knowable from the flags, the model's config.json and the output folder.
+    ("bad number", ["--learning_rate", "fast"], "invalid float value: 'fast'"),
+    ("learning rate not finite", ["--learning_rate", "nan"], "--learning_rate must be a positive number, got nan"),
+    ("batch size 0", ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1"),
+    ("report_to backend missing", ["--report_to", "wandb"], "--report_to wandb: wandb is not installed"),
+    ("report_to unknown", ["--report_to", "wandbb"], "--report_to wandbb: unknown"),
+    ("liger on minicpm", ["--model_name_or_path", "{model}", "--use_liger_kernel", "true"],
+     "--use_liger_kernel has no effect on minicpm"),
+    ("lora target misspelled", ["--use_lora", "--model_name_or_path", "{model}", "--lora_target_modules", "q_proj,v_prj"],
+     "--lora_target_modules: v_prj matches no layer of this minicpm model; its layers: down_proj,"),
+    ("lora target not a layer", ["--use_lora", "--model_name_or_path", "{model}", "--lora_target_modules", "mlp"],
+     "mlp (a MiniCPMMLP, not a layer LoRA can wrap) matches no layer"),
+    ("deepspeed config not an object", ["--deepspeed", "{tmp}/list.json"], "a DeepSpeed config is a JSON object"),
+    ("output dir a file", ["--output_dir", "{tmp}/a_file"], "a_file is a file, not a folder"),
+    ("output dir under a file", ["--output_dir", "{tmp}/a_file/out"], "a_file is a file, not a folder"),
+    ("best model metric never computed", ["--eval_strategy", "steps", "--load_best_model_at_end", "--metric_for_best_model",
+                                          "rouge-l", "--eval_generation", "false"],
+     "--metric_for_best_model rouge-l: this run's evaluations report loss (ROUGE and BLEU need --eval_generation true)"),
+    ("empty model folder", ["--model_name_or_path", "{tmp}/empty"], "no config.json in this folder"),
+    ("resume with other lora settings", ["--use_lora", "--model_name_or_path", "{model}", "--lora_r", "16",
+                                         "--resume_from_checkpoint", "{tmp}/lora/checkpoint-2"], "(lora_r 8 -> 16)"),
+    ("resume full from lora", ["--model_name_or_path", "{model}", "--resume_from_checkpoint", "{tmp}/lora/checkpoint-2"],
+     "(LoRA fine-tuning -> full fine-tuning)"),
+    ("output dir holds a finished run", ["--model_name_or_path", "{model}", "--output_dir", "{tmp}/lora"], "already holds a finished LoRA fine-tuning run"),
 ]
 
 
 @pytest.mark.parametrize("case, extra, message", IMPOSSIBLE, ids=[case.replace(" ", "_").replace(",", "")
                                                                   for case, _, _ in IMPOSSIBLE])
-def test_impossible_arguments_are_one_line_before_loading(tmp_path, data_dir, main_without_model, capsys,
+def test_impossible_arguments_are_one_line_before_loading(tmp_path, data_dir, tiny_model, main_without_model, capsys,
                                                           case, extra, message):
+    import importlib.util
+
     import torch
+    from safetensors.torch import save_file
 
     if "--bf16" in extra and "--fp16" not in extra and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         pytest.skip("this machine supports bf16")
+    if "wandb" in extra and importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    (tmp_path / "list.json").write_text('[{"zero_optimization": {"stage": 3}}]')
+    (tmp_path / "a_file").write_text("not a folder")
+    # A finished LoRA run (r=8) with a complete checkpoint, as finetune.py leaves them.
+    lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 32, "lora_dropout": 0.1, "target_modules": ["v_proj", "q_proj"],
+            "base_model_name_or_path": tiny_model}
+    for folder in (tmp_path / "lora", tmp_path / "lora" / "checkpoint-2"):
+        folder.mkdir(parents=True)
+        (folder / "adapter_config.json").write_text(json.dumps(lora))
+        save_file({"w": torch.ones(4)}, str(folder / "adapter_model.safetensors"))
+    (tmp_path / "lora" / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2}')
     (tmp_path / "broken.json").write_text('{"zero_optimization": {"stage": 3,}}')
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
@@ -404,7 +456,7 @@ def test_impossible_arguments_are_one_line_before_loading(tmp_path, data_dir, ma
     (tmp_path / "empty").mkdir()
     argv = ["--model_name_or_path", str(tmp_path / "adapter"), "--train_data_path", str(data_dir / "train.jsonl"),
             "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out"),
-            "--report_to", "none"] + [a.replace("{tmp}", str(tmp_path)) for a in extra]
+            "--report_to", "none"] + [a.replace("{tmp}", str(tmp_path)).replace("{model}", tiny_model) for a in extra]
     with pytest.raises(SystemExit) as exit_info:
         main_without_model(argv)
     assert exit_info.value.code == 2
