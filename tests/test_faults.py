@@ -473,3 +473,174 @@ def test_deepspeed_configs_use_dynamic_fp16_loss_scaling():
         with open(path) as f:
             fp16 = json.load(f)["fp16"]
         assert fp16["enabled"] == "auto" and fp16["loss_scale"] == 0, path
+
+
+def test_model_max_length_beyond_the_models_positions_is_a_warning(tiny_model, data_dir, tmp_path, capsys):
+    from transformers import AutoConfig
+
+    from minicpm_finetune.arguments import parse_args
+
+    limit = AutoConfig.from_pretrained(tiny_model).max_position_embeddings
+    parse_args(["--model_name_or_path", tiny_model, "--train_data_path", str(data_dir / "train.jsonl"),
+                "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out"),
+                "--report_to", "none", "--use_cpu", "--model_max_length", str(limit + 1)])
+    assert capsys.readouterr().out.splitlines() == [
+        f"warning: --model_max_length {limit + 1} is beyond the model's {limit} positions; samples that long may "
+        "train badly"]
+    assert not os.path.exists(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- 8. output folders, signals, the disk
+
+
+def short_run(model, data_dir, output_dir, *extra):
+    """4 steps, a checkpoint every 2, no evaluation during training, loss-only evaluation at the end."""
+    return finetune_cmd(model, data_dir / "train.jsonl", data_dir / "dev.jsonl", output_dir, "--max_steps", 4,
+                        "--save_steps", 2, "--eval_strategy", "no", "--eval_generation", "false", *extra)
+
+
+def error_lines(result):
+    assert "Traceback" not in result.stderr, result.stderr
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def folder_state(folder):
+    return {os.path.relpath(os.path.join(root, name), folder): os.stat(os.path.join(root, name)).st_mtime_ns
+            for root, _, names in os.walk(folder) for name in names}
+
+
+@pytest.fixture(scope="module")
+def two_runs_at_once(tmp_path_factory, tiny_model, data_dir):
+    """Two identical LoRA runs started together into one folder: (output folder, [both results])."""
+    out = tmp_path_factory.mktemp("two_runs") / "out"
+    command = short_run(tiny_model, data_dir, out, "--use_lora")
+    processes = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=600)
+        results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+    return out, results
+
+
+def test_two_runs_into_one_folder_one_trains_the_other_stops_in_one_line(two_runs_at_once):
+    out, results = two_runs_at_once
+    assert sorted(r.returncode for r in results) == [0, 2], [r.stderr for r in results]
+    loser = next(r for r in results if r.returncode == 2)
+    errors = error_lines(loser)
+    # Whether it lost the lock or came after the winner had finished, it says so and leaves the folder alone.
+    assert len(errors) == 1 and (f"--output_dir {out} is in use by another training run" in errors[0]
+                                 or f"--output_dir {out} already holds a finished LoRA" in errors[0]), errors
+    assert "training starts" not in loser.stdout
+    assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(out)).r == 8
+
+
+def test_a_locked_folder_is_refused_before_loading(tmp_path, tiny_model, data_dir):
+    from minicpm_finetune.outputs import lock_output_dir
+
+    out = tmp_path / "out"
+    lock_output_dir(str(out))  # this test process is "the other run"
+    result = run(short_run(tiny_model, data_dir, out))
+    assert result.returncode == 2
+    # Refused before any data or model is read; and no third-party notice before the line (the real import order).
+    assert result.stderr.splitlines() == [f"error: --output_dir {out} is in use by another training run; wait for it "
+                                          "to end or choose another folder"]
+    assert result.stdout == "" and os.listdir(out) == [".finetune.lock"]
+
+
+def test_a_folder_holding_another_run_is_refused_and_overwrite_replaces_it(two_runs_at_once, tiny_model, data_dir):
+    """LoRA run in the folder: the same command again, a full run resuming from it, a LoRA run with another rank
+    are refused (one line, before loading, nothing touched); --overwrite_output_dir replaces it whole."""
+    out, _ = two_runs_at_once
+    before = folder_state(out)
+    refusals = [
+        ((), f"--output_dir {out} already holds a finished LoRA fine-tuning run"),
+        (("--resume_from_checkpoint", "true"), "was trained with other settings (LoRA fine-tuning -> full fine-tuning)"),
+        (("--use_lora", "--lora_r", 4, "--resume_from_checkpoint", "true"), "was trained with other settings (lora_r 8 -> 4)"),
+    ]
+    for extra, message in refusals:
+        result = run(short_run(tiny_model, data_dir, out, *extra))
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert folder_state(out) == before
+
+    result = run(short_run(tiny_model, data_dir, out, "--overwrite_output_dir"))
+    assert result.returncode == 0, result.stderr
+    assert "--overwrite_output_dir: removed the earlier run's" in result.stdout
+    names = set(os.listdir(out))
+    assert not any(name.startswith("adapter_") for name in names)  # inference would load a stale adapter
+    assert {"config.json", "model.safetensors", "trainer_state.json"} <= names and ".final-model" not in names
+    assert all(os.path.isfile(out / c / "config.json") for c in ("checkpoint-2", "checkpoint-4"))
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def limited_file_size(limit):
+    """preexec_fn: files larger than ``limit`` bytes cannot be written (EFBIG), as on a full disk."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_failed_final_save_leaves_no_config_beside_partial_weights(tmp_path, tiny_model, data_dir):
+    """The final save cannot write the weights (the file-size limit is below their size): one line, exit 2, and
+    the folder holds no config.json or weights (a loader would take them for a model)."""
+    out = tmp_path / "out"
+    weights = os.path.getsize(os.path.join(tiny_model, "model.safetensors"))
+    command = short_run(tiny_model, data_dir, out, "--save_strategy", "no")
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            preexec_fn=limited_file_size(weights // 2))
+    assert result.returncode == 2, result.stderr
+    errors = error_lines(result)
+    assert errors == [f"error: cannot write to {out} (File too large) at step 4: no complete checkpoint was saved "
+                      "yet; run the command again to start over"]
+    assert not {"config.json", "model.safetensors", "adapter_config.json"} & set(os.listdir(out))
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_last_one_and_says_how_to_resume(tmp_path, tiny_model, data_dir):
+    """A small tmpfs holds one checkpoint and not two: one line naming the kept checkpoint, no traceback."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2600k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        out = disk / "out"
+        result = run(short_run(tiny_model, data_dir, out))
+        assert result.returncode == 2, result.stderr
+        assert error_lines(result) == [
+            f"error: cannot write to {out} (No space left on device) at step 4: kept {out}/checkpoint-2 (step 2); "
+            "free some space, then continue with the same command and --resume_from_checkpoint true"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, tiny_model, data_dir):
+    out = tmp_path / "out"
+    command = short_run(tiny_model, data_dir, out, "--max_steps", 400, "--save_steps", 1, "--save_total_limit", 2)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not os.path.isfile(out / "checkpoint-2" / "trainer_state.json") and process.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    result = subprocess.CompletedProcess(command, 130, stdout, stderr)
+    errors = error_lines(result)
+    assert len(errors) == 1 and errors[0].startswith("error: interrupted (Ctrl-C) at step "), stderr
+    kept = errors[0].split(" kept ")[1].split(" ")[0]
+    assert kept.startswith(f"{out}/checkpoint-") and os.path.isfile(os.path.join(kept, "trainer_state.json"))
+    assert errors[0].endswith("continue with the same command and --resume_from_checkpoint true")
+    assert not os.path.exists(out / "config.json")
+    # The way on that the line gives is accepted by the folder's checks.
+    resumed = run(command + ["--resume_from_checkpoint", "true", "--max_steps", str(int(kept.rsplit("-", 1)[1]) + 1)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {kept}" in resumed.stdout
