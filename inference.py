@@ -58,6 +58,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.prompt is not None and args.input_file:
         raise UsageError("give --prompt or --input_file, not both")
+    for name in ("prompt", "system"):
+        if getattr(args, name) is not None and not is_utf8(getattr(args, name)):
+            raise UsageError(f"--{name} is not valid UTF-8 text (check the terminal's or the script's encoding)")
     if args.input_file:
         if not os.path.isfile(args.input_file):
             raise UsageError(f"--input_file {args.input_file}: file not found")
@@ -70,6 +73,15 @@ def parse_args(argv=None):
         raise UsageError(no_room_text(args))
     args.base, args.adapter = resolve_model(args.model_name_or_path, args.adapter)
     return args
+
+
+def is_utf8(text: str) -> bool:
+    """False for text decoded with surrogateescape from bytes that are not UTF-8 (arguments, stdin)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def no_room_text(args) -> str:
@@ -259,6 +271,12 @@ def chat(model, tokenizer, args, gen_kwargs) -> int:
             text = input("User: " if interactive else "").strip()
         except EOFError:
             break
+        except UnicodeDecodeError:  # stdin strict UTF-8 (a UTF-8 locale)
+            text = None
+        if text is None or not is_utf8(text):
+            print("error: this message is not valid UTF-8 text; not sent", file=sys.stderr, flush=True)
+            status = 2
+            continue
         if text == "exit":
             break
         if text == "clear":
@@ -291,6 +309,15 @@ def main(argv=None) -> int:
         return 2
     from minicpm_finetune.data import DataError
     from minicpm_finetune.generation import PromptTooLong, context_limit, fit_prompt, generation_kwargs
+    from minicpm_finetune.outputs import OutputDirError, check_output_path
+
+    try:  # where the results go, before minutes of generating them
+        for flag in ("output_file", "metrics_file"):
+            if getattr(args, flag):
+                check_output_path(getattr(args, flag), f"--{flag}", folder=False)
+    except OutputDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     try:
         tokenizer, config = load_tokenizer_and_config(args)

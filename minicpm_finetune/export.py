@@ -135,7 +135,13 @@ def _write_atomically(output_dir: str, write) -> None:
 
 
 def _check_output_dir(output_dir: str) -> None:
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+    from .outputs import OutputDirError, check_output_path
+
+    try:  # a file, or a place that cannot be written: said before the model is loaded
+        check_output_path(output_dir)
+    except OutputDirError as err:
+        raise ExportError(str(err)) from None
+    if os.path.exists(output_dir) and os.listdir(output_dir):
         raise ExportError(f"output_dir already exists and is not empty: {output_dir}")
 
 

@@ -119,12 +119,15 @@ def is_locked(output_dir: str) -> bool:
     return False
 
 
-def check_output_path(output_dir: str) -> None:
-    """OutputDirError unless ``output_dir`` is a folder, or can be made as one, that this process can write in."""
-    flag = f"--output_dir {output_dir}"
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+def check_output_path(path: str, flag: str = "--output_dir", folder: bool = True) -> None:
+    """OutputDirError unless ``path`` is a folder (``folder``) or a file, or can be made as one, in a place
+    this process can write in; ``flag`` names it in the message. Checked before anything is generated."""
+    flag = f"{flag} {path}"
+    if folder and os.path.exists(path) and not os.path.isdir(path):
         raise OutputDirError(f"{flag} is a file, not a folder")
-    existing = _existing_ancestor(output_dir)
+    if not folder and os.path.isdir(path):
+        raise OutputDirError(f"{flag} is a folder, not a file")
+    existing = _existing_ancestor(path if folder else os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(existing):
         raise OutputDirError(f"{flag}: {existing} is a file, not a folder")
     try:  # a real write (access() says yes to root on a read-only file system); the file leaves no trace

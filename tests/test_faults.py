@@ -644,3 +644,52 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, tiny_model, data_
     resumed = run(command + ["--resume_from_checkpoint", "true", "--max_steps", str(int(kept.rsplit("-", 1)[1]) + 1)])
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {kept}" in resumed.stdout
+
+
+# --------------------------------------------------------------------------- 9. inference and export: paths, encodings
+
+
+@pytest.mark.parametrize("where, message", [("a_file/predictions.jsonl", "a_file is a file, not a folder"),
+                                            (".", "is a folder, not a file")])
+def test_inference_checks_its_output_path_before_loading(tmp_path, tiny_model, data_dir, where, message):
+    (tmp_path / "a_file").write_text("not a folder")
+    target = str(tmp_path / where)
+    result = run([sys.executable, "inference.py", "--model_name_or_path", tiny_model, "--input_file",
+                  str(data_dir / "dev.jsonl"), "--output_file", target])
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --output_file {target}") and message in lines[0], lines
+    assert result.stdout == ""
+
+
+def test_inference_takes_non_utf8_text_with_one_line(tiny_model):
+    prompt = run_bytes([sys.executable, "inference.py", "--model_name_or_path", tiny_model, "--prompt", b"a\xffb"])
+    assert prompt.returncode == 2
+    assert prompt.stderr.splitlines() == [b"error: --prompt is not valid UTF-8 text (check the terminal's or the "
+                                          b"script's encoding)"]
+    # Chat: the bad message is refused and the chat goes on with the next one.
+    chat = run_bytes([sys.executable, "inference.py", "--model_name_or_path", tiny_model, "--max_new_tokens", "4"],
+                     stdin=b"hi \xff there\n" + QA[0][0].encode() + b"\n")
+    assert chat.returncode == 2 and b"Traceback" not in chat.stderr
+    assert [l for l in chat.stderr.splitlines() if l.startswith(b"error:")] == [
+        b"error: this message is not valid UTF-8 text; not sent"]
+    assert chat.stdout.count(b"Assistant: ") == 1
+
+
+def run_bytes(args, stdin=b""):
+    return subprocess.run(args, cwd=ROOT, input=stdin, capture_output=True, timeout=600)
+
+
+@pytest.mark.parametrize("where, message", [("a_file", "a_file is a file, not a folder"),
+                                            ("a_file/out", "a_file is a file, not a folder")])
+def test_export_checks_its_output_path_before_loading(tmp_path, tiny_model, capsys, monkeypatch, where, message):
+    from minicpm_finetune import export
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", never)
+    (tmp_path / "a_file").write_text("not a folder")
+    assert export.main(["llama", "--model", tiny_model, "--output_dir", str(tmp_path / where)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
