@@ -13,6 +13,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-output/lora/$(date +%Y%m%d-%H%M%S)}
 GPU=${GPU:-0}                           # which GPU to train on (DEVICE=cpu: the CPU)
 MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-512}
 
+check_settings
 check_model_path "$MODEL_PATH"
 find_data_files "$DATA_DIR"
 echo "LoRA fine-tuning $MODEL_PATH on $DATA_DIR -> $OUTPUT_DIR"

@@ -11,14 +11,14 @@ source scripts/common.sh
 MODEL_PATH=${MODEL_PATH:-openbmb/MiniCPM-2B-sft-bf16}
 DATA_DIR=${DATA_DIR:-data/advertisegen_chat}
 OUTPUT_DIR=${OUTPUT_DIR:-output/sft/$(date +%Y%m%d-%H%M%S)}
-NUM_GPUS=${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l || echo 1)}   # GPUs per node
+NUM_GPUS=${NUM_GPUS:-$(gpu_count)}     # GPUs per node
 HOSTFILE=${HOSTFILE:-}                  # "host slots=N" per line, for several nodes
 MASTER_ADDR=${MASTER_ADDR:-}            # first node's address (multi-node)
 MASTER_PORT=${MASTER_PORT:-29500}
 DS_CONFIG=${DS_CONFIG:-configs/ds_config_zero3.json}
 MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-512}
 LAUNCHER_ARGS=${LAUNCHER_ARGS:-}        # more deepspeed launcher flags, e.g. "--no_ssh --node_rank 1"
-[[ "$NUM_GPUS" -ge 1 ]] 2>/dev/null || NUM_GPUS=1
+check_settings
 
 check_model_path "$MODEL_PATH"
 find_data_files "$DATA_DIR"

@@ -2,6 +2,24 @@
 
 die() { echo "error: $*" >&2; exit 2; }
 
+# A setting with a typo stops here in one line (else it surfaces deep in the launcher, or not at all).
+check_settings() {
+  local name
+  for name in NUM_GPUS MODEL_MAX_LENGTH MASTER_PORT; do
+    [[ -z "${!name:-}" || "${!name}" =~ ^[1-9][0-9]*$ ]] || die "$name=${!name}: expected a whole number of at least 1"
+  done
+  [[ "${PRECISION:-bf16}" =~ ^(bf16|fp16)$ ]] || die "PRECISION=$PRECISION: expected bf16 or fp16"
+  [[ "${DEVICE:-auto}" =~ ^(auto|cpu)$ ]] || die "DEVICE=$DEVICE: expected auto or cpu"
+  [[ -z "${GPU:-}" || "$GPU" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "GPU=$GPU: expected a GPU number such as 0 (or a list: 0,1)"
+}
+
+# GPUs on this node, at least 1 (a CPU-only node runs one process).
+gpu_count() {
+  local n
+  n=$(nvidia-smi -L 2>/dev/null | wc -l) || n=0
+  if (( n > 0 )); then echo "$n"; else echo 1; fi
+}
+
 # A hub id looks like owner/name and is not a local path; anything else must exist as a folder.
 check_model_path() {
   if [[ -d "$1" ]]; then return; fi

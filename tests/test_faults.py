@@ -693,3 +693,26 @@ def test_export_checks_its_output_path_before_loading(tmp_path, tiny_model, caps
     assert export.main(["llama", "--model", tiny_model, "--output_dir", str(tmp_path / where)]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+# --------------------------------------------------------------------------- 10. the scripts' settings
+
+BAD_SETTINGS = [
+    ("sft_finetune.sh", {"NUM_GPUS": "two"}, "NUM_GPUS=two: expected a whole number of at least 1"),
+    ("sft_finetune.sh", {"NUM_GPUS": "0"}, "NUM_GPUS=0: expected a whole number of at least 1"),
+    ("sft_finetune.sh", {"MASTER_PORT": "29500x"}, "MASTER_PORT=29500x: expected a whole number of at least 1"),
+    ("lora_finetune.sh", {"MODEL_MAX_LENGTH": "5O"}, "MODEL_MAX_LENGTH=5O: expected a whole number of at least 1"),
+    ("lora_finetune.sh", {"PRECISION": "bf17"}, "PRECISION=bf17: expected bf16 or fp16"),
+    ("sft_finetune.sh", {"DEVICE": "gpu"}, "DEVICE=gpu: expected auto or cpu"),
+    ("lora_finetune.sh", {"GPU": "first"}, "GPU=first: expected a GPU number such as 0 (or a list: 0,1)"),
+]
+
+
+@pytest.mark.parametrize("script, env, message", BAD_SETTINGS,
+                         ids=[f"{script.split('_')[0]}-{next(iter(env))}={next(iter(env.values()))}"
+                              for script, env, _ in BAD_SETTINGS])
+def test_scripts_refuse_a_bad_setting_in_one_line(tmp_path, script, env, message):
+    result = run(["bash", script], env=dict(env, OUTPUT_DIR=str(tmp_path / "out")))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: {message}"] and result.stdout == ""
+    assert not os.path.exists(tmp_path / "out")
