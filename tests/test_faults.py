@@ -716,3 +716,38 @@ def test_scripts_refuse_a_bad_setting_in_one_line(tmp_path, script, env, message
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: {message}"] and result.stdout == ""
     assert not os.path.exists(tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- 11. the data preview command
+
+
+def test_preview_uses_the_template_training_uses_and_reads_bad_files_in_one_line(tmp_path, tiny_model, data_dir):
+    """A tokenizer without a chat template: the model type decides (MiniCPM3: ChatML), in the preview as in
+    training. An unreadable file (an I/O error) and a bad record are one line and exit 2."""
+    import types
+
+    from transformers import AutoConfig
+
+    from minicpm_finetune.data import encode, render_masked
+    from minicpm_finetune.model import load_tokenizer
+    from minicpm_finetune.templates import end_of_turn_token
+
+    model = tmp_path / "minicpm3_tokenizer"
+    model.mkdir()
+    shutil.copy(os.path.join(tiny_model, "tokenizer.json"), model)
+    shutil.copy(os.path.join(tiny_model, "tokenizer_config.json"), model)  # no chat template in it
+    AutoConfig.for_model("minicpm3").save_pretrained(str(model))
+    preview = run([sys.executable, "-m", "minicpm_finetune.data", "--tokenizer", str(model),
+                   "--data", str(data_dir / "dev.jsonl")])
+    assert preview.returncode == 0, preview.stderr
+    tokenizer = load_tokenizer(types.SimpleNamespace(model_name_or_path=str(model), trust_remote_code=False,
+                                                     chat_template=None))
+    assert "<|im_start|>" in tokenizer.chat_template  # what training renders with
+    first = encode(tokenizer, conversation(*QA[0])["messages"], end_of_turn_token(tokenizer), None)
+    assert "masked):\n" + render_masked(tokenizer, first["input_ids"], first["labels"]) in preview.stdout
+
+    unreadable = run([sys.executable, "-m", "minicpm_finetune.data", "--tokenizer", str(model),
+                      "--data", "/proc/self/mem"])  # a file whose read fails (EIO)
+    assert unreadable.returncode == 2
+    assert [l for l in unreadable.stderr.splitlines() if l.strip()] == [
+        "error: /proc/self/mem: cannot read (Input/output error)"]
