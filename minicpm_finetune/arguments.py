@@ -170,7 +170,8 @@ REPORT_TO_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "track
 def check_integrations(training_args) -> None:
     """--report_to backends and optional kernels: installed, known, and effective; else one line now
     instead of a traceback after the data is tokenized and the model loaded."""
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
 
     available = set(get_available_reporting_integrations())
     for backend in training_args.report_to or []:
@@ -286,7 +287,7 @@ def check_lora_targets(model_args, config) -> None:
 def run_settings(model_args, config) -> dict:
     """This run's settings as outputs.settings_of reads them from a saved model or checkpoint."""
     if not model_args.use_lora:
-        return {"kind": "full", **{key: getattr(config, key, None) for key in SHAPE_KEYS}} if config else {"kind": "full"}
+        return {"kind": "full", **{key: getattr(config, key, None) for key in SHAPE_KEYS if config is not None}}
     from .model import lora_target_modules
 
     targets = lora_target_modules(model_args, config) if config is not None or model_args.lora_target_modules else None

@@ -46,12 +46,14 @@ class OutputDirError(Exception):
 
 def run_files(folder: str) -> list[str]:
     """The files of a finished run at the top of ``folder``."""
-    return sorted({path for pattern in RUN_FILE_PATTERNS for path in glob.glob(os.path.join(glob.escape(folder), pattern))})
+    found = {path for pattern in RUN_FILE_PATTERNS for path in glob.glob(os.path.join(glob.escape(folder), pattern))}
+    return sorted(found)
 
 
 def checkpoints(folder: str) -> list[str]:
     """checkpoint-N folders, lowest N first."""
-    names = [name for name in os.listdir(folder) if CHECKPOINT_RE.match(name) and os.path.isdir(os.path.join(folder, name))]
+    names = [name for name in os.listdir(folder)
+             if CHECKPOINT_RE.match(name) and os.path.isdir(os.path.join(folder, name))]
     return [os.path.join(folder, name) for name in sorted(names, key=checkpoint_step)]
 
 
@@ -194,7 +196,8 @@ def clear_previous_run(output_dir: str) -> list[str]:
     returns what was removed."""
     if not os.path.isdir(output_dir):
         return []
-    results = [os.path.join(output_dir, name) for name in RESULT_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    results = [os.path.join(output_dir, name) for name in RESULT_FILES
+               if os.path.isfile(os.path.join(output_dir, name))]
     removed = run_files(output_dir) + results + checkpoints(output_dir)
     for path in removed:
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

@@ -422,7 +422,8 @@ IMPOSSIBLE = [
                                          "--resume_from_checkpoint", "{tmp}/lora/checkpoint-2"], "(lora_r 8 -> 16)"),
     ("resume full from lora", ["--model_name_or_path", "{model}", "--resume_from_checkpoint", "{tmp}/lora/checkpoint-2"],
      "(LoRA fine-tuning -> full fine-tuning)"),
-    ("output dir holds a finished run", ["--model_name_or_path", "{model}", "--output_dir", "{tmp}/lora"], "already holds a finished LoRA fine-tuning run"),
+    ("output dir holds a finished run", ["--model_name_or_path", "{model}", "--output_dir", "{tmp}/lora"],
+     "already holds a finished LoRA fine-tuning run"),
 ]
 
 
