@@ -127,6 +127,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise ArgumentError(f"--max_new_tokens must be positive, got {training_args.max_new_tokens}")
     check_numbers(training_args)
     check_integrations(training_args)
+    check_packages(model_args, training_args)
     check_best_model_metric(training_args)
     try:
         check_output_path(training_args.output_dir)
@@ -186,6 +187,26 @@ def check_integrations(training_args) -> None:
                                 "or use --report_to none")
 
 
+def check_packages(model_args, training_args) -> None:
+    """Flags that need an optional package: one line now, not an ImportError after minutes of loading."""
+    needs = []
+    if model_args.attn_implementation == "flash_attention_2":
+        needs.append(("--attn_implementation flash_attention_2", "flash_attn", "flash-attn"))
+    if training_args.eval_generation:  # the ROUGE/BLEU scorers (metrics.py)
+        needs += [("--eval_generation (ROUGE/BLEU)", module, package) for module, package in
+                  (("jieba", "jieba"), ("rouge_chinese", "rouge-chinese"), ("nltk", "nltk"))]
+    for flag, module, package in needs:
+        if not is_installed(module):
+            hint = ", or --eval_generation false for the loss only" if flag.startswith("--eval_generation") else ""
+            raise ArgumentError(f"{flag} needs {package}: pip install {package}{hint}")
+
+
+def is_installed(module: str) -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(module) is not None
+
+
 def check_best_model_metric(training_args) -> None:
     """--metric_for_best_model must name a metric each evaluation reports (else the Trainer stops mid-run)."""
     metric = training_args.metric_for_best_model
@@ -235,13 +256,11 @@ def check_against_model(model_args, training_args, config) -> None:
 def check_liger(config) -> None:
     """Liger patches only the model types it knows; for MiniCPM it would log a warning and do nothing.
     (The native MiniCPM here already computes its loss in chunks without full logits: loss.py.)"""
-    from importlib.util import find_spec
-
     if config is not None and config.model_type.startswith("minicpm"):
         raise ArgumentError(f"--use_liger_kernel has no effect on {config.model_type} (Liger Kernel does not patch "
                             "it; the native model already computes the loss in chunks without full logits): "
                             "drop the flag")
-    if find_spec("liger_kernel") is None:
+    if not is_installed("liger_kernel"):
         raise ArgumentError("--use_liger_kernel needs liger-kernel: pip install liger-kernel")
 
 
@@ -355,6 +374,8 @@ def parse_args(argv=None):
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--deepspeed" in argv:
+        if not is_installed("deepspeed"):  # else TrainingArguments raises an ImportError
+            raise ArgumentError("--deepspeed needs DeepSpeed: pip install deepspeed")
         index = argv.index("--deepspeed") + 1
         if index < len(argv) and not argv[index].startswith("{"):
             if not os.path.isfile(argv[index]):

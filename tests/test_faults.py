@@ -422,6 +422,12 @@ IMPOSSIBLE = [
                                          "--resume_from_checkpoint", "{tmp}/lora/checkpoint-2"], "(lora_r 8 -> 16)"),
     ("resume full from lora", ["--model_name_or_path", "{model}", "--resume_from_checkpoint", "{tmp}/lora/checkpoint-2"],
      "(LoRA fine-tuning -> full fine-tuning)"),
+    ("flash attention not installed", ["--attn_implementation", "flash_attention_2"],
+     "--attn_implementation flash_attention_2 needs flash-attn: pip install flash-attn"),
+    ("scorers not installed", ["--eval_generation", "true", "{block:rouge_chinese}"],
+     "--eval_generation (ROUGE/BLEU) needs rouge-chinese: pip install rouge-chinese, or --eval_generation false"),
+    ("deepspeed not installed", ["--deepspeed", "configs/ds_config_zero2.json", "{block:deepspeed}"],
+     "--deepspeed needs DeepSpeed: pip install deepspeed"),
     ("output dir holds a finished run", ["--model_name_or_path", "{model}", "--output_dir", "{tmp}/lora"],
      "already holds a finished LoRA fine-tuning run"),
 ]
@@ -430,7 +436,7 @@ IMPOSSIBLE = [
 @pytest.mark.parametrize("case, extra, message", IMPOSSIBLE, ids=[case.replace(" ", "_").replace(",", "")
                                                                   for case, _, _ in IMPOSSIBLE])
 def test_impossible_arguments_are_one_line_before_loading(tmp_path, data_dir, tiny_model, main_without_model, capsys,
-                                                          case, extra, message):
+                                                          monkeypatch, case, extra, message):
     import importlib.util
 
     import torch
@@ -440,6 +446,11 @@ def test_impossible_arguments_are_one_line_before_loading(tmp_path, data_dir, ti
         pytest.skip("this machine supports bf16")
     if "wandb" in extra and importlib.util.find_spec("wandb"):
         pytest.skip("wandb is installed here")
+    if "flash_attention_2" in extra and importlib.util.find_spec("flash_attn"):
+        pytest.skip("flash-attn is installed here")
+    for block in [a for a in extra if a.startswith("{block:")]:  # as if the package were not installed
+        monkeypatch.setitem(sys.modules, block[len("{block:"):-1], None)
+        extra = [a for a in extra if a != block]
     (tmp_path / "list.json").write_text('[{"zero_optimization": {"stage": 3}}]')
     (tmp_path / "a_file").write_text("not a folder")
     # A finished LoRA run (r=8) with a complete checkpoint, as finetune.py leaves them.
