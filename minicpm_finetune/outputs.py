@@ -207,16 +207,17 @@ def clear_previous_run(output_dir: str) -> list[str]:
 def save_final_model(trainer) -> None:
     """``trainer.save_model()`` into a staging folder, then its files moved into ``output_dir``, markers last.
 
-    Every process calls this (ZeRO-3 gathers the weights collectively); the first one moves the files.
+    Every process calls this (ZeRO-3 gathers the weights collectively); the ones that save (the first, or
+    the first of each node with --save_on_each_node) move the files.
     """
     output_dir = trainer.args.output_dir
     staging = os.path.join(output_dir, STAGING_NAME)
-    if trainer.is_world_process_zero() and os.path.isdir(staging):
+    if trainer.args.should_save and os.path.isdir(staging):
         shutil.rmtree(staging)  # left by a save that was cut off
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(staging)
     trainer.accelerator.wait_for_everyone()
-    if trainer.is_world_process_zero():
+    if trainer.args.should_save:
         move_into(staging, output_dir)
     trainer.accelerator.wait_for_everyone()
 
