@@ -99,6 +99,9 @@ def resolve_model(model: str, adapter: str | None) -> tuple[str, str | None]:
     if looks_local(model) and not os.path.isdir(model):
         raise UsageError(f"--model_name_or_path {model}: folder not found")
     is_adapter = os.path.isfile(os.path.join(model, "adapter_config.json"))
+    if os.path.isdir(model) and not is_adapter and not os.path.isfile(os.path.join(model, "config.json")):
+        raise UsageError(f"--model_name_or_path {model}: no config.json in this folder (not a model folder, "
+                         "or its download is incomplete)")
     if adapter is not None:
         if not os.path.isdir(adapter):
             raise UsageError(f"--adapter {adapter}: folder not found")

@@ -407,6 +407,11 @@ def main(argv=None) -> int:
     parser.add_argument("--skip_bad_samples", action="store_true")
     parser.add_argument("--dump", default=None, help="write {input_ids, labels} per sample to this JSONL")
     args = parser.parse_args(argv)
+    if os.path.isdir(args.tokenizer) and not any(os.path.isfile(os.path.join(args.tokenizer, name)) for name in
+                                                 ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        print(f"error: --tokenizer {args.tokenizer}: no tokenizer files in this folder (tokenizer.json, "
+              "tokenizer.model or tokenizer_config.json)", file=sys.stderr)
+        return 2
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     except Exception as e:  # noqa: BLE001 - any load failure is reported in one line

@@ -674,6 +674,20 @@ def test_inference_checks_its_output_path_before_loading(tmp_path, tiny_model, d
     assert result.stdout == ""
 
 
+def test_an_empty_model_folder_is_one_line_in_inference_and_preview(tmp_path, data_dir):
+    empty = tmp_path / "model"
+    empty.mkdir()
+    inference = run([sys.executable, "inference.py", "--model_name_or_path", str(empty), "--prompt", "hi"])
+    assert inference.returncode == 2
+    assert inference.stderr.splitlines() == [f"error: --model_name_or_path {empty}: no config.json in this folder "
+                                             "(not a model folder, or its download is incomplete)"]
+    preview = run([sys.executable, "-m", "minicpm_finetune.data", "--tokenizer", str(empty), "--data",
+                   str(data_dir / "dev.jsonl")])
+    assert preview.returncode == 2
+    assert preview.stderr.splitlines() == [f"error: --tokenizer {empty}: no tokenizer files in this folder "
+                                           "(tokenizer.json, tokenizer.model or tokenizer_config.json)"]
+
+
 def test_inference_takes_non_utf8_text_with_one_line(tiny_model):
     prompt = run_bytes([sys.executable, "inference.py", "--model_name_or_path", tiny_model, "--prompt", b"a\xffb"])
     assert prompt.returncode == 2
