@@ -169,8 +169,8 @@ REPORT_TO_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "track
 
 
 def check_integrations(training_args) -> None:
-    """--report_to backends and optional kernels: installed, known, and effective; else one line now
-    instead of a traceback after the data is tokenized and the model loaded."""
+    """--report_to backends must be known and installed: one line now instead of a traceback after the data
+    is tokenized and the model loaded."""
     from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
                                                              get_available_reporting_integrations)
 

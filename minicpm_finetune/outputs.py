@@ -37,6 +37,8 @@ RUN_FILE_PATTERNS = ("config.json", "adapter_config.json", "generation_config.js
 # What the end of a run writes beside the model (--overwrite_output_dir removes them too).
 RESULT_FILES = ("test_metrics.json", "test_predictions.jsonl", "training_curves.png", "all_results.json",
                 "train_results.json", "eval_results.json")
+# A full fine-tune resumes only onto a model of the same type and shape.
+SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
 _held_locks = []  # open lock files: the lock lasts as long as the file stays open
 
 
@@ -58,8 +60,9 @@ def checkpoints(folder: str) -> list[str]:
 
 
 def settings_of(folder: str) -> dict | None:
-    """What a saved model or checkpoint was trained as: {"kind": "lora", r, alpha, dropout, targets, base}
-    from adapter_config.json, {"kind": "full", shape...} from config.json; None if neither is readable."""
+    """What a saved model or checkpoint was trained as: {"kind": "LoRA", lora_r, lora_alpha, lora_dropout,
+    lora_target_modules, base} from adapter_config.json, {"kind": "full", SHAPE_KEYS...} from config.json;
+    None if neither is readable."""
     for name in ("adapter_config.json", "config.json"):
         try:
             with open(os.path.join(folder, name), encoding="utf-8") as f:
@@ -74,9 +77,6 @@ def settings_of(folder: str) -> dict | None:
                     "base": config.get("base_model_name_or_path")}
         return {"kind": "full", **{key: config.get(key) for key in SHAPE_KEYS}}
     return None
-
-
-SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
 
 
 def differences(saved: dict, wanted: dict) -> list[str]:
