@@ -709,17 +709,28 @@ def run_bytes(args, stdin=b""):
     return subprocess.run(args, cwd=ROOT, input=stdin, capture_output=True, timeout=600)
 
 
+@pytest.mark.parametrize("command", ["llama", "merge"])
 @pytest.mark.parametrize("where, message", [("a_file", "a_file is a file, not a folder"),
                                             ("a_file/out", "a_file is a file, not a folder")])
-def test_export_checks_its_output_path_before_loading(tmp_path, tiny_model, capsys, monkeypatch, where, message):
+def test_export_checks_its_output_path_before_loading(tmp_path, tiny_model, capsys, monkeypatch, command, where,
+                                                      message):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
     from minicpm_finetune import export
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                   LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(adapter))
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded before the output path was checked")
 
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", never)
     (tmp_path / "a_file").write_text("not a folder")
-    assert export.main(["llama", "--model", tiny_model, "--output_dir", str(tmp_path / where)]) == 2
+    source = ["--model", tiny_model] if command == "llama" else ["--adapter", str(adapter)]
+    capsys.readouterr()  # the adapter's loading bars
+    assert export.main([command, *source, "--output_dir", str(tmp_path / where)]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
