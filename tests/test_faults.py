@@ -414,6 +414,7 @@ IMPOSSIBLE = [
     ("deepspeed config not an object", ["--deepspeed", "{tmp}/list.json"], "a DeepSpeed config is a JSON object"),
     ("output dir a file", ["--output_dir", "{tmp}/a_file"], "a_file is a file, not a folder"),
     ("output dir under a file", ["--output_dir", "{tmp}/a_file/out"], "a_file is a file, not a folder"),
+    ("output dir not writable", ["--output_dir", "/sys/minicpm_out"], "--output_dir /sys/minicpm_out: cannot write in /sys ("),
     ("best model metric never computed", ["--eval_strategy", "steps", "--load_best_model_at_end", "--metric_for_best_model",
                                           "rouge-l", "--eval_generation", "false"],
      "--metric_for_best_model rouge-l: this run's evaluations report loss (ROUGE and BLEU need --eval_generation true)"),
