@@ -21,7 +21,7 @@ from minicpm_finetune.generation import eval_samples, generation_kwargs, save_me
 from minicpm_finetune.model import load_model, load_tokenizer
 from minicpm_finetune.packing import PackingCollator, pack_dataset, packing_summary
 from minicpm_finetune.outputs import (OutputDirError, check_output_dir, clear_previous_run, lock_output_dir,
-                                      out_of_space)
+                                      out_of_space, unlock_output_dir)
 from minicpm_finetune.safety import NonFiniteLossError, ProcessReport, checkpoint_step, latest_checkpoint
 from minicpm_finetune.trainer import MiniCPMTrainer
 
@@ -96,7 +96,11 @@ def evaluate_at_end(trainer, datasets, samples, args):
 def main(argv=None):
     try:
         model_args, data_args, training_args = parse_args(argv)
-    except ArgumentError as e:
+        # The output folder: free, or this run's own to resume (outputs.py); rank 0 alone takes its lock.
+        settings = run_settings(model_args, read_model_config(model_args))
+        check_output_dir(training_args.output_dir, settings, training_args.resume_from_checkpoint,
+                         training_args.overwrite_output_dir, check_lock=training_args.process_index == 0)
+    except (ArgumentError, OutputDirError) as e:
         fail(str(e))
     set_seed(training_args.seed)
 
@@ -120,9 +124,9 @@ def main(argv=None):
         try:  # the data is good: this run now owns the folder (until it exits, even by a kill) ...
             lock_output_dir(training_args.output_dir)
             # ... and checks it again under the lock: a run that ended since parse_args may have filled it.
-            check_output_dir(training_args.output_dir, run_settings(model_args, read_model_config(model_args)),
-                             training_args.resume_from_checkpoint, training_args.overwrite_output_dir, check_lock=False)
-        except (OutputDirError, ArgumentError) as e:
+            check_output_dir(training_args.output_dir, settings, training_args.resume_from_checkpoint,
+                             training_args.overwrite_output_dir, check_lock=False)
+        except OutputDirError as e:
             fail(str(e))
         if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
             removed = clear_previous_run(training_args.output_dir)
@@ -164,6 +168,7 @@ def main(argv=None):
             raise
         stop(trainer, f"cannot write to {training_args.output_dir} ({reason})", 2, saved,
              "free some space, then continue")
+    unlock_output_dir(training_args.output_dir)  # the run is over (main may be called again in one process)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit ("terminate called")
     return trainer

@@ -14,7 +14,7 @@ import transformers
 
 from .data import FORMATS
 from .metrics import METRIC_KEYS
-from .outputs import SHAPE_KEYS, OutputDirError, check_output_dir, check_output_path
+from .outputs import SHAPE_KEYS, OutputDirError, check_output_path
 from .safety import resolve_resume
 
 
@@ -138,14 +138,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
                                                               training_args.output_dir)
     except ValueError as e:
         raise ArgumentError(str(e)) from None
-    config = read_model_config(model_args)
-    check_against_model(model_args, training_args, config)
-    try:
-        check_output_dir(training_args.output_dir, run_settings(model_args, config),
-                         training_args.resume_from_checkpoint, training_args.overwrite_output_dir,
-                         check_lock=int(os.environ.get("RANK", "0")) == 0)  # rank 0 alone takes the lock
-    except OutputDirError as e:
-        raise ArgumentError(str(e)) from None
+    check_against_model(model_args, training_args, read_model_config(model_args))
 
 
 def check_numbers(training_args) -> None:

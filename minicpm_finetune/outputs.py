@@ -191,6 +191,14 @@ def lock_output_dir(output_dir: str) -> None:
     _held_locks.append(f)
 
 
+def unlock_output_dir(output_dir: str) -> None:
+    """Release this process's lock on ``output_dir`` (a no-op if it holds none)."""
+    path = os.path.realpath(os.path.join(output_dir, LOCK_NAME))
+    for f in [f for f in _held_locks if os.path.realpath(f.name) == path]:
+        _held_locks.remove(f)
+        f.close()  # closing the file releases the flock
+
+
 def clear_previous_run(output_dir: str) -> list[str]:
     """Remove an earlier run's model/adapter files, state and checkpoints (--overwrite_output_dir);
     returns what was removed."""
