@@ -643,9 +643,11 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, tiny_model, data_
     out = tmp_path / "out"
     command = short_run(tiny_model, data_dir, out, "--max_steps", 400, "--save_steps", 1, "--save_total_limit", 2)
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    from minicpm_finetune.safety import latest_checkpoint
+
     deadline = time.time() + 300
-    while not os.path.isfile(out / "checkpoint-2" / "trainer_state.json") and process.poll() is None:
-        assert time.time() < deadline
+    while not (os.path.isdir(out) and latest_checkpoint(str(out))[0]):  # a complete checkpoint, whichever
+        assert time.time() < deadline and process.poll() is None, process.communicate()[1][-3000:]
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
