@@ -1,4 +1,5 @@
-"""Faults: bad data, truncation, crash and resume, NaN losses, impossible arguments (docs/faults.md).
+"""Faults: bad data, truncation, crash and resume, NaN losses, impossible arguments, output folders, Ctrl-C and
+the disk, inference/export paths and encodings, the scripts' settings, the preview (docs/faults.md).
 
 Each subprocess runs the real `python finetune.py` on the tiny model, on the CPU; runs are shared by
 the tests that only read their results, to keep the number of start-ups small.
