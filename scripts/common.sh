@@ -28,14 +28,42 @@ find_data_files() {
   done
 }
 
+# A usable GPU, unless DEVICE=cpu.
+gpu_present() {
+  [[ "${DEVICE:-auto}" != cpu ]] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1
+}
+
 # bf16 on a GPU (PRECISION=fp16 for GPUs without bf16); fp32 with --use_cpu when there is no GPU
 # or DEVICE=cpu.
 device_args() {
-  if [[ "${DEVICE:-auto}" != cpu ]] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  if gpu_present; then
     echo "--${PRECISION:-bf16}"
   else
     if [[ "${DEVICE:-auto}" == cpu ]]; then echo "DEVICE=cpu: training on the CPU" >&2
     else echo "no GPU found: training on the CPU" >&2; fi
     echo "--use_cpu"
+  fi
+}
+
+# --demo: the bundled AdvertiseGen sample and a tiny pretrained MiniCPM, each made once when missing
+# (the model is cached in DEMO_DIR, default output/demo; delete it to rebuild), and configs/demo_$1.yaml.
+# Sets DATA_DIR, MODEL_PATH, OUTPUT_DIR and CONFIG unless they are set already; $1 is lora or sft.
+prepare_demo() {
+  DEMO_DIR=${DEMO_DIR:-output/demo}
+  DATA_DIR=${DATA_DIR:-data/advertisegen_chat}
+  if [[ ! -d "$DATA_DIR" ]]; then
+    echo "demo: converting the sample data/advertisegen -> $DATA_DIR"
+    python -m minicpm_finetune.advertisegen data/advertisegen "$DATA_DIR" || exit
+  fi
+  MODEL_PATH=${MODEL_PATH:-$DEMO_DIR/tiny-minicpm}
+  if [[ ! -d "$MODEL_PATH" ]]; then
+    echo "demo: building a tiny pretrained MiniCPM -> $MODEL_PATH"
+    find_data_files "$DATA_DIR"  # its tokenizer and pretraining see train and dev, never test
+    python -m minicpm_finetune.tiny --output_dir "$MODEL_PATH" --data "$TRAIN_FILE" "$EVAL_FILE" || exit
+  fi
+  OUTPUT_DIR=${OUTPUT_DIR:-$DEMO_DIR/$1-$(date +%Y%m%d-%H%M%S)}
+  CONFIG=${CONFIG:-configs/demo_$1.yaml}
+  if [[ "$1" == sft ]] && ! gpu_present; then
+    NUM_GPUS=${NUM_GPUS:-2}  # ZeRO-3 over 2 CPU processes
   fi
 }
