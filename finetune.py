@@ -120,6 +120,7 @@ def main(argv=None):
     if training_args.load_best_model_at_end and trainer.state.best_model_checkpoint and trainer.is_world_process_zero():
         print(f"best eval_{training_args.metric_for_best_model.removeprefix('eval_')} {trainer.state.best_metric:.4g} "
               f"at {trainer.state.best_model_checkpoint} (loaded; training stopped at step {trainer.state.global_step})")
+    trainer.remove_callback(EarlyStoppingCallback)  # the test evaluation below has no eval_ metric to watch
     trainer.save_model()  # LoRA: the adapter; full: the whole model (gathered under ZeRO-3); both + tokenizer
     trainer.save_state()
 

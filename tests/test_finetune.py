@@ -93,6 +93,34 @@ def test_lora_script_runs_on_cpu(tmp_path, tiny_model, data_dir):
     assert "no GPU found: training on the CPU" in result.stderr
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "checkpoint-3"):
         assert os.path.exists(output_dir / name), name
+    # The recipe comes from configs/lora.yaml; the script's extra arguments override it.
+    args = torch.load(output_dir / "training_args.bin", weights_only=False)
+    assert "with configs/lora.yaml" in result.stdout
+    assert (args.weight_decay, args.lr_scheduler_type, args.learning_rate) == (0.01, "cosine", 5e-4)
+    assert (args.max_steps, args.eval_steps, args.save_steps) == (3, 3, 3)
+
+
+@pytest.mark.parametrize("suffix", ["yaml", "json"])
+def test_config_file_values_apply_and_flags_after_it_win(tmp_path, tiny_model, data_dir, suffix):
+    import yaml
+
+    from minicpm_finetune.arguments import parse_args
+
+    values = {"use_lora": True, "lora_r": 4, "learning_rate": 0.0123, "lr_scheduler_type": "cosine", "max_steps": 7,
+              "report_to": "none", "eval_generation": False, "lr_scheduler_kwargs": {"num_cycles": 0.25},
+              "lora_target_modules": None}
+    config = tmp_path / f"run.{suffix}"
+    config.write_text(yaml.safe_dump(values) if suffix == "yaml" else json.dumps(values))
+    paths = ["--model_name_or_path", tiny_model, "--train_data_path", str(data_dir / "train.jsonl"),
+             "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out")]
+    model_args, _, args = parse_args([str(config), *paths, "--lora_r", "16", "--max_steps", "3"])
+    assert (model_args.lora_r, args.max_steps) == (16, 3)  # the flags after the file win
+    assert model_args.use_lora and model_args.lora_target_modules is None and not args.eval_generation
+    assert (args.learning_rate, args.lr_scheduler_type, args.report_to) == (0.0123, "cosine", [])
+    assert args.lr_scheduler_kwargs == {"num_cycles": 0.25}
+    # Under the DeepSpeed launcher, --local_rank=N comes before the file.
+    model_args, _, args = parse_args(["--local_rank=0", str(config), *paths])
+    assert (model_args.lora_r, args.max_steps, args.learning_rate) == (4, 7, 0.0123)
 
 
 @pytest.mark.parametrize("script, env, message", [
