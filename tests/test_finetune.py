@@ -58,17 +58,17 @@ def test_training_learns_and_saved_output_loads_back(tmp_path, tiny_model, data_
     assert not torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tiny_model), tokenizer), expected, atol=1e-3)
 
 
-def test_lora_with_gradient_checkpointing_and_all_linear(tmp_path, tiny_model, data_dir):
+def test_lora_with_activation_checkpointing_and_all_linear(tmp_path, tiny_model, data_dir):
     output_dir = tmp_path / "gc"
     trainer = train(tiny_model, data_dir, output_dir, "--use_lora", "--learning_rate", "2e-2",
-                    "--gradient_checkpointing", "--lora_target_modules", "all-linear", "--lora_r", "4")
+                    "--activation_checkpointing", "--lora_target_modules", "all-linear", "--lora_r", "4")
     config = json.loads((output_dir / "adapter_config.json").read_text())
     targeted = {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
     assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert config["r"] == 4 and config["lora_alpha"] == 32
     train_losses, _ = losses(output_dir)
     assert train_losses[-1] < 0.9 * train_losses[0]
-    assert trainer.model.base_model.model.is_gradient_checkpointing
+    assert trainer.model.base_model.model.is_activation_checkpointing
 
 
 def test_batches_are_padded_to_their_longest_sample(tiny_model, data_dir):
@@ -173,3 +173,27 @@ def test_early_stopping_stops_and_keeps_the_best_checkpoint(tmp_path, tiny_model
     assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
     test_loss = json.loads((output_dir / "test_metrics.json").read_text())["test_loss"]
     assert abs(test_loss - best) < 1e-4  # the final evaluation ran on the best model
+
+
+def test_docs_scripts_configs_and_notebook_use_no_deprecated_flag():
+    """transformers marks deprecated TrainingArguments flags in their help (e.g. --gradient_checkpointing, now
+    --activation_checkpointing); none may appear where users copy flags from."""
+    import dataclasses
+    import glob
+    import re
+
+    import nbformat
+
+    from minicpm_finetune.arguments import TrainingArguments
+
+    deprecated = {f.name for f in dataclasses.fields(TrainingArguments)
+                  if re.search(r"\bdeprecated alias\b|will be removed", str(f.metadata.get("help", "")), re.I)}
+    assert "gradient_checkpointing" in deprecated  # the check sees transformers' marks
+    texts = {path: open(os.path.join(ROOT, path), encoding="utf-8").read()
+             for path in ["README.md", "docs/faults.md", "bench/README.md", "lora_finetune.sh", "sft_finetune.sh",
+                          "scripts/common.sh", *[os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/configs/*.yaml")]]}
+    notebook = nbformat.read(os.path.join(ROOT, "lora_finetune.ipynb"), as_version=4)
+    texts["lora_finetune.ipynb"] = "\n".join(cell.source for cell in notebook.cells)
+    used = {(path, name) for path, text in texts.items()
+            for name in re.findall(r"--(\w+)", text) + re.findall(r"^(\w+):", text, re.M) + re.findall(r'"(\w+)": ', text)}
+    assert not {(path, name) for path, name in used if name in deprecated}
