@@ -225,6 +225,7 @@ def config_file_argv(path: str, parser) -> list[str]:
     """The config file as command-line flags, to be placed before the real ones (the last value of a flag
     wins in argparse, so flags after the file override it). Unknown keys are one error naming the file."""
     known = {f.name for dataclass_type in parser.dataclass_types for f in fields(dataclass_type) if f.init}
+    takes_list = {action.dest for action in parser._actions if action.nargs in ("+", "*")}
     argv = []
     for key, value in read_config_file(path).items():
         if key not in known:
@@ -232,6 +233,9 @@ def config_file_argv(path: str, parser) -> list[str]:
             raise ArgumentError(f"{path}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         if value is None:  # "key: null" leaves the default
             continue
+        if isinstance(value, list) and key not in takes_list:
+            raise ArgumentError(f"{path}: {key} takes one value, not a list (write it as on the command line, "
+                                "e.g. lora_target_modules: q_proj,v_proj)")
         if isinstance(value, dict):
             argv += [f"--{key}", json.dumps(value)]
         elif isinstance(value, list):

@@ -424,6 +424,8 @@ BAD_CONFIGS = [
     ("not YAML", "bad.yaml", "use_lora: [true\n", "bad.yaml: not valid YAML ("),
     ("not JSON", "bad.json", '{"use_lora": true,}', "bad.json: not valid JSON ("),
     ("not a mapping", "bad.json", '["--use_lora"]', "bad.json: expected a mapping of flag names to values, got list"),
+    ("list for a single value", "bad.yaml", "lora_target_modules: [q_proj, v_proj]\n",
+     "bad.yaml: lora_target_modules takes one value, not a list"),
     ("missing", "nowhere.yaml", None, "nowhere.yaml: config file not found"),
 ]
 
