@@ -45,9 +45,10 @@ device_args() {
   fi
 }
 
-# --demo: the bundled AdvertiseGen sample and a tiny pretrained MiniCPM, each made once when missing
-# (the model is cached in DEMO_DIR, default output/demo; delete it to rebuild), and configs/demo_$1.yaml.
-# Sets DATA_DIR, MODEL_PATH, OUTPUT_DIR and CONFIG unless they are set already; $1 is lora or sft.
+# --demo: the bundled AdvertiseGen sample (converted into DATA_DIR when that folder is missing) and, unless
+# MODEL_PATH is set, a tiny pretrained MiniCPM built once into DEMO_DIR (default output/demo; delete it to
+# rebuild); configs/demo_$1.yaml. Sets DATA_DIR, MODEL_PATH, OUTPUT_DIR and CONFIG unless they are set
+# already; $1 is lora or sft.
 prepare_demo() {
   DEMO_DIR=${DEMO_DIR:-output/demo}
   DATA_DIR=${DATA_DIR:-data/advertisegen_chat}
@@ -55,11 +56,13 @@ prepare_demo() {
     echo "demo: converting the sample data/advertisegen -> $DATA_DIR"
     python -m minicpm_finetune.advertisegen data/advertisegen "$DATA_DIR" || exit
   fi
-  MODEL_PATH=${MODEL_PATH:-$DEMO_DIR/tiny-minicpm}
-  if [[ ! -d "$MODEL_PATH" ]]; then
-    echo "demo: building a tiny pretrained MiniCPM -> $MODEL_PATH"
-    find_data_files "$DATA_DIR"  # its tokenizer and pretraining see train and dev, never test
-    python -m minicpm_finetune.tiny --output_dir "$MODEL_PATH" --data "$TRAIN_FILE" "$EVAL_FILE" || exit
+  if [[ -z "${MODEL_PATH:-}" ]]; then
+    MODEL_PATH=$DEMO_DIR/tiny-minicpm
+    if [[ ! -d "$MODEL_PATH" ]]; then
+      echo "demo: building a tiny pretrained MiniCPM -> $MODEL_PATH"
+      find_data_files "$DATA_DIR"  # its tokenizer and pretraining see train and dev, never test
+      python -m minicpm_finetune.tiny --output_dir "$MODEL_PATH" --data "$TRAIN_FILE" "$EVAL_FILE" || exit
+    fi
   fi
   OUTPUT_DIR=${OUTPUT_DIR:-$DEMO_DIR/$1-$(date +%Y%m%d-%H%M%S)}
   CONFIG=${CONFIG:-configs/demo_$1.yaml}

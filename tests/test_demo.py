@@ -76,3 +76,10 @@ def test_sft_demo_under_zero3_on_two_processes_learns(demo_dir):
         assert f"process {rank} of 2" in log
     assert os.path.isfile(out / "model.safetensors")
     assert_learned(out, "demo_sft.yaml")
+
+
+def test_demo_never_builds_over_a_model_path_that_is_given(tmp_path):
+    """--demo builds its tiny model only when MODEL_PATH is unset: a given one that is missing is an error."""
+    result = run(["bash", "lora_finetune.sh", "--demo"], env={"MODEL_PATH": "./no-such-model", "DEMO_DIR": str(tmp_path)})
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == ["error: MODEL_PATH ./no-such-model: folder not found"]
+    assert not os.path.exists(os.path.join(ROOT, "no-such-model")) and not os.listdir(tmp_path)
