@@ -152,29 +152,31 @@ def test_device_cpu_forces_the_cpu_even_with_a_gpu():
     assert result.stdout.strip() == "--use_cpu" and "DEVICE=cpu: training on the CPU" in result.stderr
 
 
-def test_early_stopping_stops_and_keeps_the_best_checkpoint(tmp_path, tiny_model, data_dir):
-    """Validation answers are the training ones reversed: validation loss falls while the format and words are
-    learned, then rises as the training answers are memorised; training stops after 2 evaluations without a
-    new best, and the saved model is the best checkpoint's."""
+@pytest.mark.parametrize("metric", ["loss", "rouge-l"])
+def test_early_stopping_stops_and_keeps_the_best_checkpoint(tmp_path, tiny_model, data_dir, metric):
+    """Validation answers are the training ones reversed: validation scores improve while the format and words
+    are learned, then worsen as the training answers are memorised; training stops after 2 evaluations without
+    a new best, and the saved model is the best checkpoint's."""
     from conftest import conversation, write_jsonl
     from safetensors.torch import load_file
 
-    contradicting = write_jsonl(tmp_path / "dev.jsonl", [conversation(q, a[::-1]) for q, a in QA])
+    reversed_answers = write_jsonl(tmp_path / "dev.jsonl", [conversation(q, a[::-1]) for q, a in QA])
     output_dir = tmp_path / "out"
     trainer = train(tiny_model, data_dir, output_dir, "--learning_rate", "1e-2", "--max_steps", "80",
-                    "--eval_data_path", contradicting, "--test_data_path", contradicting, "--eval_steps", "4",
+                    "--eval_data_path", reversed_answers, "--test_data_path", reversed_answers, "--eval_steps", "4",
                     "--save_strategy", "steps", "--save_steps", "4", "--load_best_model_at_end",
-                    "--early_stopping_patience", "2")
+                    "--metric_for_best_model", metric, "--early_stopping_patience", "2")
     state = trainer.state
-    _, eval_losses = losses(output_dir)
-    best = min(eval_losses)
-    assert state.global_step < 80 and len(eval_losses) == state.global_step // 4  # stopped early
-    assert eval_losses.index(best) == len(eval_losses) - 3  # the best, then two worse ones
-    assert state.best_metric == best and state.best_model_checkpoint == str(output_dir / f"checkpoint-{4 * (len(eval_losses) - 2)}")
+    with open(output_dir / "trainer_state.json") as f:
+        scores = [e[f"eval_{metric}"] for e in json.load(f)["log_history"] if f"eval_{metric}" in e]
+    best = (min if metric == "loss" else max)(scores)
+    assert state.global_step < 80 and len(scores) == state.global_step // 4  # stopped early
+    assert scores.index(best) == len(scores) - 3  # the (first) best, then two that are not better
+    assert state.best_metric == best and state.best_model_checkpoint == str(output_dir / f"checkpoint-{4 * (len(scores) - 2)}")
     saved, kept = load_file(output_dir / "model.safetensors"), load_file(os.path.join(state.best_model_checkpoint, "model.safetensors"))
     assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
-    test_loss = json.loads((output_dir / "test_metrics.json").read_text())["test_loss"]
-    assert abs(test_loss - best) < 1e-4  # the final evaluation ran on the best model
+    test_metrics = json.loads((output_dir / "test_metrics.json").read_text())
+    assert abs(test_metrics[f"test_{metric}"] - best) < 1e-4  # the final evaluation ran on the best model
 
 
 def test_docs_scripts_configs_and_notebook_use_no_deprecated_flag():
