@@ -68,6 +68,10 @@ def test_full_fine_tuning_two_processes_through_sft_script(tmp_path, tiny_model,
     assert_both_processes_trained(log)
     assert os.path.isfile(out / "checkpoint-2" / "trainer_state.json")
     assert_trained_model_saved(out, tiny_model)
+    # The recipe comes from configs/sft.yaml (weight decay, schedule); the script's arguments override it.
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert (args.weight_decay, args.lr_scheduler_type, args.save_total_limit) == (0.1, "cosine", 3)
+    assert (args.learning_rate, args.max_steps, args.warmup_steps) == (1e-3, 2, 0)
 
 
 def test_lora_under_zero3_saves_the_trained_adapter(tmp_path, tiny_model, data_dir):
