@@ -134,7 +134,7 @@ def main(argv=None):
 def train_preferences(model_args, data_args, training_args):
     """--stage dpo: preference pairs -> the model given (an SFT output) tuned by DPO -> saved -> reward metrics
     of the test set (else validation) in test_metrics.json, and the curves."""
-    from minicpm_finetune.dpo import PreferenceTrainer
+    from minicpm_finetune.dpo import PreferenceTrainer, load_reference_model
     from minicpm_finetune.preference import prepare_preference_data
 
     try:
@@ -142,11 +142,13 @@ def train_preferences(model_args, data_args, training_args):
         datasets = prepare_preference_data(data_args, training_args, tokenizer)
     except (DataError, ValueError, OSError) as e:
         fail(str(e))
-    model = load_model(model_args, training_args)  # with LoRA the reference is this model with the adapter off
+    model = load_model(model_args, training_args)
+    # The reference is the starting model: with LoRA this model with its adapter off, else a frozen copy.
+    ref_model = None if model_args.use_lora else load_reference_model(model_args, training_args)
     trainer = PreferenceTrainer(
-        model=model, args=training_args, train_dataset=datasets["train"], eval_dataset=datasets["eval"],
-        processing_class=tokenizer, beta=training_args.dpo_beta, loss_type=training_args.dpo_loss_type,
-        sft_loss_weight=training_args.sft_loss_weight, trust_remote_code=model_args.trust_remote_code,
+        model=model, ref_model=ref_model, args=training_args, train_dataset=datasets["train"],
+        eval_dataset=datasets["eval"], processing_class=tokenizer, beta=training_args.dpo_beta,
+        loss_type=training_args.dpo_loss_type, sft_loss_weight=training_args.sft_loss_weight,
         callbacks=[ProcessReport()])
     try:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

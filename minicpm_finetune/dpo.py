@@ -1,12 +1,13 @@
 """DPO (``finetune.py --stage dpo``) on TRL's ``DPOTrainer``, fed with pairs encoded by ``preference.py``.
 
 TRL supplies the loss (``--dpo_loss_type``, ``--dpo_beta``; ``--sft_loss_weight`` adds TRL's ``sft`` term: the
-mean negative log-likelihood of the chosen replies' scored tokens), the reference model (with LoRA the base
-model with the adapter disabled, no second copy; for full fine-tuning a frozen copy of the starting model,
-sharded too under ZeRO-3) and the reward metrics. What is ours:
+mean negative log-likelihood of the chosen replies' scored tokens), the reference forward passes (with LoRA the
+model itself with the adapter disabled: no second copy) and the reward metrics. What is ours:
 
 - the data: TRL's own tokenization is replaced by ours (``_prepare_dataset`` passes the encoded pairs through),
   so chosen and rejected are rendered with the SFT chat template and scored with the SFT masks;
+- full fine-tuning's reference model, loaded by us (``load_reference_model``): a frozen second copy of the
+  starting model, sharded like the policy under ZeRO-3;
 - the metric names: TRL names evaluation metrics ``eval_*`` whatever the prefix; the test set's are ``test_*``;
 - the NaN/inf guard of SFT training (``NonFiniteLossGuard``).
 
@@ -18,7 +19,7 @@ chosen reward is above the rejected one), ``rewards/margins`` (chosen minus reje
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, fields, replace
 
 from .preference import PreferenceCollator
 from .safety import NonFiniteLossGuard
@@ -31,7 +32,7 @@ except ImportError:  # checked by arguments.py before anything is loaded
     DPOConfig = DPOTrainer = None
 
 
-def add_dpo_settings(args, beta: float, loss_type: str, sft_loss_weight: float, trust_remote_code: bool) -> None:
+def add_dpo_settings(args, beta: float, loss_type: str, sft_loss_weight: float) -> None:
     """Give our TrainingArguments the DPOConfig fields TRL reads, in place (the object keeps its device,
     DeepSpeed and our own settings): DPOConfig's defaults, then ours."""
     for f in fields(DPOConfig):
@@ -42,17 +43,26 @@ def add_dpo_settings(args, beta: float, loss_type: str, sft_loss_weight: float, 
     args.loss_weights = [1.0] + ([sft_loss_weight] if sft_loss_weight else [])
     args.max_length = None  # pairs are already encoded within --model_max_length (preference.py)
     args.pad_to_multiple_of = None
-    args.trust_remote_code = trust_remote_code  # for the reference copy of full fine-tuning
+
+
+def load_reference_model(model_args, training_args):
+    """The reference of full fine-tuning: the starting model loaded again as load_model loads it (dtype,
+    attention; under ZeRO-3 sharded), frozen. (TRL's own loader cannot find the class of a natively
+    registered MiniCPM; with LoRA there is no reference to load: the adapter is switched off.)"""
+    from .model import load_model
+
+    model = load_model(replace(model_args, use_lora=False, qlora=False), training_args)
+    return model.requires_grad_(False).eval()
 
 
 class PreferenceTrainer(NonFiniteLossGuard, DPOTrainer):
     """TRL's DPOTrainer on datasets from ``preference.tokenize_pairs``."""
 
-    def __init__(self, *, model, args, train_dataset, eval_dataset, processing_class, beta=0.1,
-                 loss_type="sigmoid", sft_loss_weight=0.0, trust_remote_code=False, callbacks=None):
-        add_dpo_settings(args, beta, loss_type, sft_loss_weight, trust_remote_code)
+    def __init__(self, *, model, args, train_dataset, eval_dataset, processing_class, ref_model=None, beta=0.1,
+                 loss_type="sigmoid", sft_loss_weight=0.0, callbacks=None):
+        add_dpo_settings(args, beta, loss_type, sft_loss_weight)
         self._metric_prefix = "eval"
-        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        super().__init__(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks,
                          data_collator=PreferenceCollator(processing_class.pad_token_id))
 
