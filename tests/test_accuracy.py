@@ -85,3 +85,21 @@ def test_label_task_reports_accuracy_during_training_and_on_the_test_set(tmp_pat
     assert test["test_accuracy"] == round(100 * hits / len(predictions), 4)
     assert test["test_accuracy"] == evaluation["eval_accuracy"]  # same model, same samples
     assert test["test_accuracy"] > 0, predictions  # the labels are learnable in 20 steps
+
+
+def test_inference_scores_a_label_file_by_accuracy(tmp_path, tiny_model, capsys):
+    import inference
+
+    records = [{"instruction": INSTRUCTION, "input": f"句子1：{a}\n句子2：{b}", "output": label}
+               for a, b, label in LABELLED]
+    data = write_jsonl(tmp_path / "test.jsonl", records)
+    out = tmp_path / "pred.jsonl"
+    base = ["--model_name_or_path", tiny_model, "--input_file", data, "--output_file", str(out),
+            "--max_new_tokens", "4", "--device", "cpu"]
+    assert inference.main(base + ["--eval_metrics", "accuracy"]) == 0
+    metrics = json.loads((tmp_path / "pred.metrics.json").read_text())
+    predictions = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
+    assert metrics == {"accuracy": accuracy(predictions, [label for *_, label in LABELLED]), "num_samples": 3}
+    capsys.readouterr()
+    assert inference.main(base + ["--eval_metrics", "f1"]) == 2
+    assert capsys.readouterr().err == "error: --eval_metrics: unknown metric 'f1'; choose from rouge, bleu, accuracy\n"
