@@ -89,8 +89,8 @@ class MiniCPMConfig(PreTrainedConfig):
 
     @property
     def logits_scaling(self) -> float:
-        """The same divisor under the name TRL's fused LM head reads (as for Granite): without it TRL's DPO
-        would score MiniCPM's replies on logits hidden_size / dim_model_base times too large."""
+        """The same divisor under the name transformers' MiniCPM3 config gives it, which TRL's fused LM head
+        reads: without it TRL's DPO would score replies on logits hidden_size / dim_model_base times too large."""
         return self.logits_scale
 
 

@@ -21,15 +21,10 @@ from __future__ import annotations
 
 from dataclasses import MISSING, fields, replace
 
+from trl import DPOConfig, DPOTrainer  # --stage dpo checks that TRL is installed before anything loads
+
 from .preference import PreferenceCollator
 from .safety import NonFiniteLossGuard
-
-LOSS_TYPES = ("sigmoid", "hinge", "ipo")  # TRL's pairwise losses offered by --dpo_loss_type
-
-try:
-    from trl import DPOConfig, DPOTrainer
-except ImportError:  # checked by arguments.py before anything is loaded
-    DPOConfig = DPOTrainer = None
 
 
 def add_dpo_settings(args, beta: float, loss_type: str, sft_loss_weight: float) -> None:
@@ -65,6 +60,11 @@ class PreferenceTrainer(NonFiniteLossGuard, DPOTrainer):
         super().__init__(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks,
                          data_collator=PreferenceCollator(processing_class.pad_token_id))
+        if ref_model is None and "ref" in getattr(self.model, "peft_config", {}):
+            # TRL copies an adapter it did not create into a frozen "ref" adapter (to re-train a trained one).
+            # Ours is fresh (LoRA B = 0: the base model's function), so the reference is the base with the
+            # adapter off, as TRL does for adapters it wraps itself: no copy, and no ref/ folder in the output.
+            self.model.delete_adapter("ref")
 
     def _prepare_dataset(self, dataset, *args, **kwargs):
         return dataset  # encoded by preference.tokenize_pairs with the SFT template and masks

@@ -195,6 +195,7 @@ def test_dpo_with_lora_and_sft_term(tmp_path, tiny_model, preference_dir):
                   "--dpo_beta", str(beta), "--sft_loss_weight", str(sft_weight))
     test = assert_rewards_rose(out)
     assert not (out / "model.safetensors").exists()  # only the adapter
+    assert set(trainer.model.peft_config) == {"default"} and not (out / "ref").exists()  # no reference copy
 
     # The trainer's loss on a batch is the hand-computed DPO + SFT loss, the reference being the adapter off.
     rows = [trainer.eval_dataset[i] for i in range(len(trainer.eval_dataset))]
