@@ -285,3 +285,23 @@ def test_dpo_full_under_zero3_on_two_processes_through_the_script(tmp_path, tiny
     policy, _, _ = sequence_logps(AutoModelForCausalLM.from_pretrained(out).eval(), batch)
     chosen, rejected = (policy - reference).chunk(2)
     assert (chosen > rejected).all(), (chosen, rejected)
+
+
+def test_demo_preference_sample_pairs_each_prompt_with_its_own_reply(tmp_path, data_dir):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "pref"
+    result = subprocess.run([sys.executable, "scripts/make_preference_sample.py", str(data_dir), str(out)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    check = check_preference_file(str(out / "dev.jsonl"))
+    assert check.data_format == "messages" and not check.problems
+    replies = {q: a for q, a in QA}
+    assert len(check.records) == len(QA)
+    for _, pair in check.records:
+        question = pair["prompt"][-1]["content"]
+        assert pair["chosen"] == replies[question]
+        assert pair["rejected"] in replies.values() and pair["rejected"] != pair["chosen"]
