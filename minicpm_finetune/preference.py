@@ -60,7 +60,10 @@ def _string(record: dict, key: str, required: bool = True) -> str:
 
 def _reply(record: dict, key: str) -> str:
     """A reply given as a string or as a one-message assistant list (TRL's conversational form)."""
-    value = record.get(key)
+    return _reply_value(record[key], key) if key in record else _string(record, key)
+
+
+def _reply_value(value, key: str) -> str:
     if isinstance(value, list):
         if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
             raise ValueError(f'"{key}" must be one assistant message (or a string)')
@@ -68,7 +71,9 @@ def _reply(record: dict, key: str) -> str:
         if not isinstance(value, str):
             raise ValueError(f'"{key}": "content" must be a string')
         return value
-    return _string(record, key)
+    if not isinstance(value, str):
+        raise ValueError(f'"{key}" must be a string, got {type(value).__name__}')
+    return value
 
 
 def _minicpm_prompt(record: dict) -> list[dict]:
@@ -91,7 +96,7 @@ def _trl_pair(record: dict) -> tuple[list[dict], str, str]:
             raise ValueError('without "prompt", "chosen" and "rejected" must be message lists')
         if chosen[:-1] != rejected[:-1]:
             raise ValueError('"chosen" and "rejected" differ before their last message (no shared prompt)')
-        return list(chosen[:-1]), _reply({"r": chosen[-1:]}, "r"), _reply({"r": rejected[-1:]}, "r")
+        return list(chosen[:-1]), _reply_value(chosen[-1:], "chosen"), _reply_value(rejected[-1:], "rejected")
     prompt = record["prompt"]
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
