@@ -133,9 +133,9 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         check_compile_layers(training_args)
     if training_args.max_new_tokens <= 0:
         raise ArgumentError(f"--max_new_tokens must be positive, got {training_args.max_new_tokens}")
-    try:
-        from .metrics import parse_metric_names
+    from .metrics import parse_metric_names
 
+    try:
         parse_metric_names(training_args.eval_metrics)
     except ValueError as e:
         raise ArgumentError(f"--eval_metrics: {e}") from None
@@ -188,10 +188,10 @@ def check_compile_layers(training_args) -> None:
 
 def check_dpo(data_args, training_args) -> None:
     """--stage dpo needs TRL and preference data; say what does not apply before anything is loaded."""
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        raise ArgumentError("--stage dpo needs TRL: pip install trl") from None
+    from importlib.util import find_spec
+
+    if find_spec("trl") is None:
+        raise ArgumentError("--stage dpo needs TRL: pip install trl")
     if training_args.dpo_beta <= 0:
         raise ArgumentError(f"--dpo_beta must be positive, got {training_args.dpo_beta}")
     if training_args.sft_loss_weight < 0:

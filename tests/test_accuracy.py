@@ -58,6 +58,17 @@ def test_impossible_metric_and_dpo_arguments_are_one_line(tmp_path, tiny_model, 
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
+def test_dpo_without_trl_is_one_line(tmp_path, tiny_model, data_dir, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real_find_spec(name, *a))
+    with pytest.raises(ArgumentError, match="^--stage dpo needs TRL: pip install trl$"):  # as without TRL installed
+        parse_args(["--stage", "dpo", "--model_name_or_path", tiny_model, "--train_data_path",
+                    str(data_dir / "train.jsonl"), "--eval_data_path", str(data_dir / "dev.jsonl"),
+                    "--output_dir", str(tmp_path / "out"), "--use_cpu"])
+
+
 # OCNLI-style: a sentence pair in, one label out.
 INSTRUCTION = "判断两句话的关系，回答蕴含、矛盾或中立。"
 LABELLED = [("你好", "你好，有什么可以帮你的吗？", "蕴含"), ("今天天气怎么样", "今天天气很好，适合散步。", "中立"),
