@@ -85,6 +85,19 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "stop training when --metric_for_best_model (loss, rouge-1, rouge-2, rouge-l or bleu-4) has not "
                 "improved for N evaluations in a row; needs --load_best_model_at_end, which keeps and loads the "
                 "best checkpoint"})
+    # What generated replies are scored by; accuracy suits label tasks (classification), ROUGE/BLEU free text.
+    eval_metrics: str = field(default="rouge,bleu", metadata={
+        "help": "comma-separated generation metrics: rouge (ROUGE-1/2/L), bleu (BLEU-4), accuracy (exact match "
+                "of the normalised reply, for label tasks)"})
+    # Preference tuning (DPO) from the same entry point; preference.py and dpo.py.
+    stage: str = field(default="sft", metadata={
+        "help": "sft (supervised) or dpo (preference pairs: prompt, chosen, rejected)", "choices": ["sft", "dpo"]})
+    dpo_beta: float = field(default=0.1, metadata={
+        "help": "DPO beta: how far the tuned model may move from the reference (higher: less)"})
+    dpo_loss_type: str = field(default="sigmoid", metadata={
+        "help": "DPO loss: sigmoid (the DPO paper), hinge or ipo", "choices": ["sigmoid", "hinge", "ipo"]})
+    sft_loss_weight: float = field(default=0.0, metadata={
+        "help": "weight of an SFT term (mean negative log-likelihood of the chosen replies) added to the DPO loss"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -127,6 +140,14 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         check_compile_layers(training_args)
     if training_args.max_new_tokens <= 0:
         raise ArgumentError(f"--max_new_tokens must be positive, got {training_args.max_new_tokens}")
+    from .metrics import parse_metric_names
+
+    try:
+        parse_metric_names(training_args.eval_metrics)
+    except ValueError as e:
+        raise ArgumentError(f"--eval_metrics: {e}") from None
+    if training_args.stage == "dpo":
+        check_dpo(data_args, training_args)
     check_best_model_metric(training_args)
     try:  # "true"/"latest" becomes the newest complete checkpoint-N in --output_dir
         training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint,
@@ -164,19 +185,21 @@ def check_qlora(training_args) -> None:
 def check_best_model_metric(training_args) -> None:
     """--metric_for_best_model must be a metric evaluation logs, and --early_stopping_patience needs the best
     model kept: say so before anything is loaded (else a KeyError or a silent no-op at the first evaluation)."""
-    from .metrics import METRIC_KEYS
+    from .metrics import metric_keys, parse_metric_names
 
     patience = training_args.early_stopping_patience
     if patience is not None and (patience < 1 or not training_args.load_best_model_at_end):
         raise ArgumentError(f"--early_stopping_patience {patience} needs a positive N and --load_best_model_at_end "
-                            "(with --eval_strategy and --save_strategy steps or epoch, and --metric_for_best_model "
-                            f"{' or '.join(('loss',) + METRIC_KEYS)}; default loss)")
+                            "(with --eval_strategy and --save_strategy both steps or epoch; "
+                            "--metric_for_best_model defaults to loss)")
     metric = training_args.metric_for_best_model
-    if metric is None:
+    if metric is None or training_args.stage == "dpo":  # DPO's evaluation logs TRL's own metrics
         return
+    scored = metric_keys(parse_metric_names(training_args.eval_metrics))
     name = metric.removeprefix("eval_")
-    if name not in ("loss",) + tuple(METRIC_KEYS):
-        raise ArgumentError(f"--metric_for_best_model {metric}: evaluation logs loss, {', '.join(METRIC_KEYS)}")
+    if name != "loss" and name not in scored:
+        raise ArgumentError(f"--metric_for_best_model {metric}: evaluation logs loss, {', '.join(scored)} "
+                            f"(--eval_metrics {training_args.eval_metrics})")
     if name != "loss" and not training_args.eval_generation:
         raise ArgumentError(f"--metric_for_best_model {metric} is scored on generated replies: "
                             "not with --eval_generation false")
@@ -192,6 +215,22 @@ def check_compile_layers(training_args) -> None:
         # breaks and the recompile limit hit on a 2-layer model), so compiling would only cost time.
         raise ArgumentError("--compile_layers does not work under DeepSpeed ZeRO-3 (its parameter hooks break "
                             "the compiled graphs); use a ZeRO-2 config or drop --compile_layers")
+
+
+def check_dpo(data_args, training_args) -> None:
+    """--stage dpo needs TRL and preference data; say what does not apply before anything is loaded."""
+    from importlib.util import find_spec
+
+    if find_spec("trl") is None:
+        raise ArgumentError("--stage dpo needs TRL: pip install trl")
+    if training_args.dpo_beta <= 0:
+        raise ArgumentError(f"--dpo_beta must be positive, got {training_args.dpo_beta}")
+    if training_args.sft_loss_weight < 0:
+        raise ArgumentError(f"--sft_loss_weight must be 0 or more, got {training_args.sft_loss_weight}")
+    if training_args.packing:
+        raise ArgumentError("--packing does not apply to --stage dpo (chosen and rejected are batched as pairs)")
+    if data_args.data_format != "auto":
+        raise ArgumentError("--data_format names SFT formats; preference formats are detected (--stage dpo)")
 
 
 def looks_local(name: str) -> bool:
