@@ -291,7 +291,9 @@ def parse_args(argv=None):
     The DeepSpeed config path is checked before TrainingArguments reads it, so a typo is one line.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = transformers.HfArgumentParser(
+        (ModelArguments, DataArguments, TrainingArguments),
+        usage="python finetune.py [CONFIG.yaml|CONFIG.json] [--flag value ...]  (flags after a config file override it)")
     at = 1 if argv and argv[0].startswith("--local_rank=") else 0  # the DeepSpeed launcher puts it first
     if len(argv) > at and argv[at].endswith(CONFIG_SUFFIXES) and not argv[at].startswith("-"):
         argv = argv[:at] + config_file_argv(argv[at], parser) + argv[at + 1:]
