@@ -2,6 +2,9 @@
 
     python finetune.py --model_name_or_path PATH --train_data_path train.jsonl --eval_data_path dev.jsonl \
         --output_dir OUT [--use_lora] [--deepspeed configs/ds_config_zero3.json] [any TrainingArguments flag]
+    python finetune.py configs/lora.yaml --model_name_or_path PATH ...   (a config file first; flags override it)
+
+`--stage dpo` tunes the model on preference pairs (prompt, chosen, rejected) instead: train_preferences.
 
 `lora_finetune.sh` (one GPU, LoRA) and `sft_finetune.sh` (DeepSpeed, full parameters) call this file.
 """
@@ -12,16 +15,17 @@ import os
 import sys
 
 import torch
-from transformers import DataCollatorForSeq2Seq, set_seed
+from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, set_seed
 
 from minicpm_finetune.arguments import ArgumentError, parse_args, read_model_config, run_settings
 from minicpm_finetune.curves import plot_training_curves
 from minicpm_finetune.data import IGNORE_INDEX, DataError, check_files, load_conversations, tokenize_dataset
 from minicpm_finetune.generation import eval_samples, generation_kwargs, save_metrics, save_predictions
+from minicpm_finetune.metrics import parse_metric_names
 from minicpm_finetune.model import load_model, load_tokenizer
 from minicpm_finetune.packing import PackingCollator, pack_dataset, packing_summary
 from minicpm_finetune.outputs import (OutputDirError, check_output_dir, clear_previous_run, lock_output_dir,
-                                      out_of_space, unlock_output_dir)
+                                      out_of_space, save_final_model, unlock_output_dir)
 from minicpm_finetune.safety import NonFiniteLossError, ProcessReport, checkpoint_step, latest_checkpoint
 from minicpm_finetune.trainer import MiniCPMTrainer
 
@@ -31,6 +35,52 @@ def fail(message: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def claim_output_dir(model_args, training_args, settings) -> None:
+    """The data is good: the first process locks the output folder for this run (until it exits, even by a
+    kill), checks it again under the lock (a run that ended meanwhile may have filled it), and with
+    --overwrite_output_dir removes the earlier run."""
+    if training_args.process_index != 0:
+        return
+    try:
+        lock_output_dir(training_args.output_dir)
+        check_output_dir(training_args.output_dir, settings, training_args.resume_from_checkpoint,
+                         training_args.overwrite_output_dir, check_lock=False)
+    except OutputDirError as e:
+        fail(str(e))
+    if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
+        removed = clear_previous_run(training_args.output_dir)
+        if removed:
+            print(f"--overwrite_output_dir: removed the earlier run's {len(removed)} file(s) and checkpoint(s) "
+                  f"from {training_args.output_dir}")
+
+
+def train_and_save(trainer, training_args, finish) -> None:
+    """Train (resuming when asked), save the final model whole, then ``finish()`` (the evaluation).
+
+    A NaN loss, Ctrl-C or a full disk ends the run with one line saying what is kept and how to go on.
+    """
+    saved = False
+    try:  # resume_from_checkpoint: a complete checkpoint folder (arguments.py resolves "true"/"latest")
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        # LoRA: the adapter; full: the whole model (gathered under ZeRO-3); both + tokenizer. Staged and moved
+        # in, config last: a kill during the save leaves no config beside partial weights.
+        save_final_model(trainer)
+        trainer.save_state()
+        saved = True
+        finish()
+    except NonFiniteLossError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        stop(trainer, "interrupted (Ctrl-C)", 130, saved)
+    except Exception as e:
+        reason = out_of_space(e, training_args.output_dir)
+        if reason is None:
+            raise
+        stop(trainer, f"cannot write to {training_args.output_dir} ({reason})", 2, saved,
+             "free some space, then continue")
+    unlock_output_dir(training_args.output_dir)  # the run is over (main may be called again in one process)
 
 
 def stop(trainer, why: str, status: int, saved: bool, then: str = "continue") -> None:
@@ -78,8 +128,9 @@ def evaluate_at_end(trainer, datasets, samples, args):
     """Loss and generation metrics on the test set (else validation) to test_metrics.json and
     test_predictions.jsonl, then the training-curve PNG; files written by the first process."""
     split = "test" if "test" in datasets else "eval"
-    generation_samples = samples[split] if args.eval_generation else None
-    metrics = trainer.evaluate(datasets[split], metric_key_prefix="test", generation_samples=generation_samples)
+    generation_samples = samples[split] if args.eval_generation and split in samples else None
+    extra = {"generation_samples": generation_samples} if generation_samples else {}
+    metrics = trainer.evaluate(datasets[split], metric_key_prefix="test", **extra)
     if not trainer.is_world_process_zero():
         return
     metrics["test_split"] = "test" if split == "test" else "validation"
@@ -103,6 +154,8 @@ def main(argv=None):
     except (ArgumentError, OutputDirError) as e:
         fail(str(e))
     set_seed(training_args.seed)
+    if training_args.stage == "dpo":
+        return train_preferences(model_args, data_args, training_args, settings)
 
     try:
         tokenizer = load_tokenizer(model_args)
@@ -120,20 +173,7 @@ def main(argv=None):
         flash = (model_args.attn_implementation or "").startswith("flash_attention")
         collator = PackingCollator(tokenizer, flatten=flash, fallback=collator)
 
-    if training_args.process_index == 0:
-        try:  # the data is good: this run now owns the folder (until it exits, even by a kill) ...
-            lock_output_dir(training_args.output_dir)
-            # ... and checks it again under the lock: a run that ended since parse_args may have filled it.
-            check_output_dir(training_args.output_dir, settings, training_args.resume_from_checkpoint,
-                             training_args.overwrite_output_dir, check_lock=False)
-        except OutputDirError as e:
-            fail(str(e))
-        if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
-            removed = clear_previous_run(training_args.output_dir)
-            if removed:
-                print(f"--overwrite_output_dir: removed the earlier run's {len(removed)} file(s) and checkpoint(s) "
-                      f"from {training_args.output_dir}")
-
+    claim_output_dir(model_args, training_args, settings)
     model = load_model(model_args, training_args)
     trainer = MiniCPMTrainer(
         model=model,
@@ -144,33 +184,51 @@ def main(argv=None):
         data_collator=collator,
         # ROUGE/BLEU of generated replies next to the validation loss at each evaluation.
         generation_samples=samples["eval"][:training_args.eval_num_samples] if training_args.eval_generation else None,
-        generation_config=dict(max_new_tokens=training_args.max_new_tokens, **generation_kwargs(
+        generation_config=dict(max_new_tokens=training_args.max_new_tokens,
+                               metrics=parse_metric_names(training_args.eval_metrics), **generation_kwargs(
             training_args.generation_num_beams, training_args.do_sample, training_args.temperature,
             training_args.top_p)),
-        callbacks=[ProcessReport()],
+        callbacks=[ProcessReport()] + ([EarlyStoppingCallback(training_args.early_stopping_patience)]
+                                       if training_args.early_stopping_patience else []),
     )
-    saved = False
-    try:  # resume_from_checkpoint: a complete checkpoint folder (arguments.py resolves "true"/"latest")
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        # LoRA: the adapter; full: the whole model (gathered under ZeRO-3); both + tokenizer. Staged and
-        # moved in (outputs.save_final_model): a kill during the save leaves no config beside partial weights.
-        trainer.save_model()
-        trainer.save_state()
-        saved = True
+
+    def finish():
+        state = trainer.state
+        if training_args.load_best_model_at_end and state.best_model_checkpoint and trainer.is_world_process_zero():
+            print(f"best eval_{training_args.metric_for_best_model.removeprefix('eval_')} {state.best_metric:.4g} "
+                  f"at {state.best_model_checkpoint} (loaded; training stopped at step {state.global_step})")
+        trainer.remove_callback(EarlyStoppingCallback)  # the test evaluation below has no eval_ metric to watch
         evaluate_at_end(trainer, datasets, samples, training_args)
-    except NonFiniteLossError as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        stop(trainer, "interrupted (Ctrl-C)", 130, saved)
-    except Exception as e:
-        reason = out_of_space(e, training_args.output_dir)
-        if reason is None:
-            raise
-        stop(trainer, f"cannot write to {training_args.output_dir} ({reason})", 2, saved,
-             "free some space, then continue")
-    unlock_output_dir(training_args.output_dir)  # the run is over (main may be called again in one process)
+
+    train_and_save(trainer, training_args, finish)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit ("terminate called")
+    return trainer
+
+
+def train_preferences(model_args, data_args, training_args, settings):
+    """--stage dpo: preference pairs -> the model given (an SFT output) tuned by DPO -> saved -> reward metrics
+    of the test set (else validation) in test_metrics.json, and the curves."""
+    from minicpm_finetune.dpo import PreferenceTrainer, load_reference_model
+    from minicpm_finetune.preference import prepare_preference_data
+
+    try:
+        tokenizer = load_tokenizer(model_args)
+        datasets = prepare_preference_data(data_args, training_args, tokenizer)
+    except (DataError, ValueError, OSError) as e:
+        fail(str(e))
+    claim_output_dir(model_args, training_args, settings)
+    model = load_model(model_args, training_args)
+    # The reference is the starting model: with LoRA this model with its adapter off, else a frozen copy.
+    ref_model = None if model_args.use_lora else load_reference_model(model_args, training_args)
+    trainer = PreferenceTrainer(
+        model=model, ref_model=ref_model, args=training_args, train_dataset=datasets["train"],
+        eval_dataset=datasets["eval"], processing_class=tokenizer, beta=training_args.dpo_beta,
+        loss_type=training_args.dpo_loss_type, sft_loss_weight=training_args.sft_loss_weight,
+        callbacks=[ProcessReport()])
+    train_and_save(trainer, training_args, lambda: evaluate_at_end(trainer, datasets, {}, training_args))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return trainer
 
 

@@ -1,19 +1,22 @@
 """Command-line arguments: model, data and training (every transformers.TrainingArguments flag works).
 
+The first argument may be a YAML or JSON config file of flag names and values (``python finetune.py
+configs/lora.yaml --learning_rate 1e-4``): its values come first and the flags after it override them.
 Impossible combinations are rejected here, in one line, before any model is loaded.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import transformers
 
 from .data import FORMATS
-from .metrics import METRIC_KEYS
+from .metrics import parse_metric_names
 from .outputs import SHAPE_KEYS, OutputDirError, check_output_path
 from .safety import resolve_resume
 
@@ -83,6 +86,23 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "torch.compile each decoder layer in place (regional compilation): fuses the norms, rotary, "
                 "SwiGLU and residual scalings; the first training steps are slower while it compiles, and "
                 "evaluation and generation run eager"})
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "stop training when --metric_for_best_model (loss, rouge-1, rouge-2, rouge-l or bleu-4) has not "
+                "improved for N evaluations in a row; needs --load_best_model_at_end, which keeps and loads the "
+                "best checkpoint"})
+    # What generated replies are scored by; accuracy suits label tasks (classification), ROUGE/BLEU free text.
+    eval_metrics: str = field(default="rouge,bleu", metadata={
+        "help": "comma-separated generation metrics: rouge (ROUGE-1/2/L), bleu (BLEU-4), accuracy (exact match "
+                "of the normalised reply, for label tasks)"})
+    # Preference tuning (DPO) from the same entry point; preference.py and dpo.py.
+    stage: str = field(default="sft", metadata={
+        "help": "sft (supervised) or dpo (preference pairs: prompt, chosen, rejected)", "choices": ["sft", "dpo"]})
+    dpo_beta: float = field(default=0.1, metadata={
+        "help": "DPO beta: how far the tuned model may move from the reference (higher: less)"})
+    dpo_loss_type: str = field(default="sigmoid", metadata={
+        "help": "DPO loss: sigmoid (the DPO paper), hinge or ipo", "choices": ["sigmoid", "hinge", "ipo"]})
+    sft_loss_weight: float = field(default=0.0, metadata={
+        "help": "weight of an SFT term (mean negative log-likelihood of the chosen replies) added to the DPO loss"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -125,10 +145,16 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         check_compile_layers(training_args)
     if training_args.max_new_tokens <= 0:
         raise ArgumentError(f"--max_new_tokens must be positive, got {training_args.max_new_tokens}")
+    try:
+        parse_metric_names(training_args.eval_metrics)
+    except ValueError as e:
+        raise ArgumentError(f"--eval_metrics: {e}") from None
+    if training_args.stage == "dpo":
+        check_dpo(data_args, training_args)
+    check_best_model_metric(training_args)
     check_numbers(training_args)
     check_integrations(training_args)
     check_packages(model_args, training_args)
-    check_best_model_metric(training_args)
     try:
         check_output_path(training_args.output_dir)
     except OutputDirError as e:
@@ -185,12 +211,15 @@ def check_packages(model_args, training_args) -> None:
     needs = []
     if model_args.attn_implementation == "flash_attention_2":
         needs.append(("--attn_implementation flash_attention_2", "flash_attn", "flash-attn"))
-    if training_args.eval_generation:  # the ROUGE/BLEU scorers (metrics.py)
-        needs += [("--eval_generation (ROUGE/BLEU)", module, package) for module, package in
-                  (("jieba", "jieba"), ("rouge_chinese", "rouge-chinese"), ("nltk", "nltk"))]
+    if training_args.eval_generation and training_args.stage != "dpo":  # the scorers of metrics.py
+        metrics = parse_metric_names(training_args.eval_metrics)
+        scorers = {"rouge": (("jieba", "jieba"), ("rouge_chinese", "rouge-chinese")),
+                   "bleu": (("jieba", "jieba"), ("nltk", "nltk"))}
+        needs += [(f"--eval_metrics {name}", module, package) for name in metrics for module, package in
+                  scorers.get(name, ())]
     for flag, module, package in needs:
         if not is_installed(module):
-            hint = ", or --eval_generation false for the loss only" if flag.startswith("--eval_generation") else ""
+            hint = ", or --eval_generation false for the loss only" if flag.startswith("--eval_metrics") else ""
             raise ArgumentError(f"{flag} needs {package}: pip install {package}{hint}")
 
 
@@ -198,21 +227,6 @@ def is_installed(module: str) -> bool:
     from importlib.util import find_spec
 
     return find_spec(module) is not None
-
-
-def check_best_model_metric(training_args) -> None:
-    """--metric_for_best_model must name a metric each evaluation reports (else the Trainer stops mid-run)."""
-    metric = training_args.metric_for_best_model
-    if not metric:
-        return
-    name = metric[len("eval_"):] if metric.startswith("eval_") else metric
-    computed = ["loss"] + (list(METRIC_KEYS) if training_args.eval_generation else [])
-    if name in computed:
-        return
-    hint = (" (ROUGE and BLEU need --eval_generation true)"
-            if name in METRIC_KEYS else "")
-    raise ArgumentError(f"--metric_for_best_model {metric}: this run's evaluations report {', '.join(computed)}"
-                        f"{hint}")
 
 
 def read_model_config(model_args):
@@ -339,6 +353,29 @@ def check_qlora(training_args) -> None:
                             "upgrade it, use a CUDA GPU, or train with --use_lora")
 
 
+def check_best_model_metric(training_args) -> None:
+    """--metric_for_best_model must be a metric evaluation logs, and --early_stopping_patience needs the best
+    model kept: say so before anything is loaded (else a KeyError or a silent no-op at the first evaluation)."""
+    from .metrics import metric_keys, parse_metric_names
+
+    patience = training_args.early_stopping_patience
+    if patience is not None and (patience < 1 or not training_args.load_best_model_at_end):
+        raise ArgumentError(f"--early_stopping_patience {patience} needs a positive N and --load_best_model_at_end "
+                            "(with --eval_strategy and --save_strategy both steps or epoch; "
+                            "--metric_for_best_model defaults to loss)")
+    metric = training_args.metric_for_best_model
+    if metric is None or training_args.stage == "dpo":  # DPO's evaluation logs TRL's own metrics
+        return
+    scored = metric_keys(parse_metric_names(training_args.eval_metrics))
+    name = metric.removeprefix("eval_")
+    if name != "loss" and name not in scored:
+        raise ArgumentError(f"--metric_for_best_model {metric}: evaluation logs loss, {', '.join(scored)} "
+                            f"(--eval_metrics {training_args.eval_metrics})")
+    if name != "loss" and not training_args.eval_generation:
+        raise ArgumentError(f"--metric_for_best_model {metric} is scored on generated replies: "
+                            "not with --eval_generation false")
+
+
 def check_compile_layers(training_args) -> None:
     """--compile_layers excludes whole-model compilation and ZeRO-3: say so before anything is loaded."""
     if training_args.torch_compile:
@@ -351,6 +388,22 @@ def check_compile_layers(training_args) -> None:
                             "the compiled graphs); use a ZeRO-2 config or drop --compile_layers")
 
 
+def check_dpo(data_args, training_args) -> None:
+    """--stage dpo needs TRL and preference data; say what does not apply before anything is loaded."""
+    from importlib.util import find_spec
+
+    if find_spec("trl") is None:
+        raise ArgumentError("--stage dpo needs TRL: pip install trl")
+    if training_args.dpo_beta <= 0:
+        raise ArgumentError(f"--dpo_beta must be positive, got {training_args.dpo_beta}")
+    if training_args.sft_loss_weight < 0:
+        raise ArgumentError(f"--sft_loss_weight must be 0 or more, got {training_args.sft_loss_weight}")
+    if training_args.packing:
+        raise ArgumentError("--packing does not apply to --stage dpo (chosen and rejected are batched as pairs)")
+    if data_args.data_format != "auto":
+        raise ArgumentError("--data_format names SFT formats; preference formats are detected (--stage dpo)")
+
+
 def one_line_error(message: str):
     raise ArgumentError(message)
 
@@ -360,16 +413,70 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") != 1
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML or JSON config file: a mapping of flag names (without "--") to values."""
+    if not os.path.isfile(path):
+        raise ArgumentError(f"{path}: config file not found")
+    import yaml
+
+    kind = "JSON" if path.endswith(".json") else "YAML"
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f) if kind == "JSON" else yaml.safe_load(f)
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ArgumentError(f"{path}: not valid {kind} ({' '.join(str(e).split())})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ArgumentError(f"{path}: expected a mapping of flag names to values, got {type(values).__name__}")
+    return values
+
+
+def config_file_argv(path: str, parser) -> list[str]:
+    """The config file as command-line flags, to be placed before the real ones (the last value of a flag
+    wins in argparse, so flags after the file override it). Unknown keys are one error naming the file."""
+    known = {f.name for dataclass_type in parser.dataclass_types for f in fields(dataclass_type) if f.init}
+    takes_list = {action.dest for action in parser._actions if action.nargs in ("+", "*")}
+    argv = []
+    for key, value in read_config_file(path).items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            raise ArgumentError(f"{path}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        if value is None:  # "key: null" leaves the default
+            continue
+        if isinstance(value, list) and key not in takes_list:
+            raise ArgumentError(f"{path}: {key} takes one value, not a list (write it as on the command line, "
+                                "e.g. lora_target_modules: q_proj,v_proj)")
+        if isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
 def parse_args(argv=None):
     """Parse the command line into (model, data, training) arguments and check them.
 
+    A first argument ending in .yaml/.yml/.json is a config file (see the module docstring).
     The DeepSpeed config path is checked before TrainingArguments reads it, so a typo is one line.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = transformers.HfArgumentParser(
+        (ModelArguments, DataArguments, TrainingArguments),
+        usage="python finetune.py [CONFIG.yaml|CONFIG.json] [--flag value ...]  (flags after a config file override it)")
+    parser.error = one_line_error  # a bad value (--learning_rate abc): one line, not the whole usage
+    at = 1 if argv and argv[0].startswith("--local_rank=") else 0  # the DeepSpeed launcher puts it first
+    if len(argv) > at and argv[at].endswith(CONFIG_SUFFIXES) and not argv[at].startswith("-"):
+        argv = argv[:at] + config_file_argv(argv[at], parser) + argv[at + 1:]
     if "--deepspeed" in argv:
         if not is_installed("deepspeed"):  # else TrainingArguments raises an ImportError
             raise ArgumentError("--deepspeed needs DeepSpeed: pip install deepspeed")
-        index = argv.index("--deepspeed") + 1
+        index = len(argv) - argv[::-1].index("--deepspeed")  # the last one given wins
         if index < len(argv) and not argv[index].startswith("{"):
             if not os.path.isfile(argv[index]):
                 raise ArgumentError(f"--deepspeed {argv[index]}: config file not found")
@@ -381,8 +488,6 @@ def parse_args(argv=None):
             if not isinstance(ds_config, dict):
                 raise ArgumentError(f"--deepspeed {argv[index]}: a DeepSpeed config is a JSON object "
                                     f"({{...}}), this file holds a {type(ds_config).__name__}")
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    parser.error = one_line_error  # a bad value (--learning_rate abc): one line, not the whole usage
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # TrainingArguments' own checks (bf16 support, fp16 with bf16, ...)

@@ -8,13 +8,11 @@ and are seen by ``metric_for_best_model`` (e.g. ``--metric_for_best_model rouge-
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from transformers import Trainer
 
 from .generation import evaluate_generation
-from .outputs import save_final_model
 from .safety import NonFiniteLossGuard
 
 
@@ -23,7 +21,7 @@ class MiniCPMTrainer(NonFiniteLossGuard, Trainer):
 
     generation_samples: (prompt messages, reference) pairs for the validation set (``eval_samples``);
         None turns generation-based evaluation off.
-    generation_config: keyword arguments of ``generate_replies`` (max_new_tokens, num_beams, do_sample, ...).
+    generation_config: keyword arguments of ``evaluate_generation`` (max_new_tokens, metrics, num_beams, do_sample, ...).
     After each ``evaluate`` with generation, ``last_predictions`` holds the replies (on every rank).
     """
 
@@ -33,13 +31,6 @@ class MiniCPMTrainer(NonFiniteLossGuard, Trainer):
         self.generation_config = dict(generation_config or {})
         self.last_predictions = None
         self._pending_samples = None
-
-    def save_model(self, output_dir=None, _internal_call=False):
-        """As ``Trainer.save_model``; the final model (no ``output_dir``) is staged and moved into
-        ``args.output_dir`` whole (``outputs.save_final_model``)."""
-        if output_dir is None or os.path.abspath(output_dir) == os.path.abspath(self.args.output_dir):
-            return save_final_model(self)
-        return super().save_model(output_dir, _internal_call)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", generation_samples=None):
         """As ``Trainer.evaluate``; ``generation_samples`` are scored with it (default: the validation
