@@ -321,7 +321,7 @@ def _checked_rows(path: str, data_format: str, kind: str, prompts: bool):
             row["problem"] = ("record is not a JSON object" + (" but a list (JSON Lines: one object per line)"
                                                                 if isinstance(obj, list) else ""))
         else:
-            if chosen is None:
+            if chosen is None or (prompts and data_format == "auto"):  # prompt files may mix formats
                 chosen = registry.detect(obj, kind)
                 if chosen is None:
                     raise DataError(f"{_location(path, number)}: {registry.unknown_format_text(obj, kind)}")
@@ -353,6 +353,39 @@ def _source_identity(path: str) -> str:
         return f"file:{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
     source = _arrow_source(path)  # a saved folder or a hub data set: datasets' own fingerprint
     return f"arrow:{os.path.realpath(path) if os.path.isdir(path) else path}:{source._fingerprint}"
+
+
+_CHECKED_COLUMNS = {"position": "int64", "problem": "string", "example": "string", "digest": "int64",
+                    "ignored": "string", "tools": "bool", "data_format": "string"}
+
+
+def _write_checked(path: str, rows, batch_rows: int = 10_000) -> None:
+    """Checked rows to an Arrow stream file in batches (bounded memory), renamed into place when complete."""
+    import pyarrow as pa
+
+    schema = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in _CHECKED_COLUMNS.items()])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            columns = {name: [] for name in _CHECKED_COLUMNS}
+
+            def flush():
+                writer.write_batch(pa.record_batch([pa.array(columns[f.name], f.type) for f in schema], schema=schema))
+                for values in columns.values():
+                    values.clear()
+
+            for row in rows:
+                for name, values in columns.items():
+                    values.append(row[name])
+                if len(columns["position"]) >= batch_rows:
+                    flush()
+            if columns["position"]:
+                flush()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 @dataclass
@@ -404,28 +437,11 @@ def check_file(path: str, data_format: str = "auto", kind: str = "sft", prompts:
         raise DataError(f"unknown data format {data_format!r} (expected one of {', '.join(FORMATS)})")
     fingerprint = hashlib.sha256(json.dumps([CHECK_VERSION, _source_identity(path), data_format, kind, prompts])
                                  .encode("utf-8")).hexdigest()[:32]
-    features = datasets.Features({"position": datasets.Value("int64"), "problem": datasets.Value("string"),
-                                  "example": datasets.Value("string"), "digest": datasets.Value("int64"),
-                                  "ignored": datasets.Value("string"), "tools": datasets.Value("bool"),
-                                  "data_format": datasets.Value("string")})
-    progress = datasets.utils.logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        checked = datasets.Dataset.from_generator(
-            _checked_rows, features=features, fingerprint=fingerprint,
-            gen_kwargs={"path": path, "data_format": data_format, "kind": kind, "prompts": prompts})
-    except DataError:
-        raise
-    except Exception as e:  # noqa: BLE001 - datasets wraps the generator's errors
-        cause = e.__cause__ or e.__context__
-        while cause is not None and not isinstance(cause, DataError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise cause from None
-        raise
-    finally:
-        if progress:
-            datasets.enable_progress_bars()
+    cache = os.path.join(datasets.config.HF_DATASETS_CACHE, "minicpm_finetune", f"checked-{fingerprint}.arrow")
+    if not os.path.exists(cache):
+        _write_checked(cache, _checked_rows(path, data_format, kind, prompts))
+    checked = datasets.Dataset.from_file(cache)
+    checked._fingerprint = fingerprint
     check = FileCheck(path, checked=checked)
     if len(checked) == 0:
         raise DataError(f"{path}: file is empty")
@@ -507,10 +523,11 @@ def load_conversations(path: str, data_format: str = "auto", skip_bad_samples: b
 
 def example_of(row) -> dict:
     """The normalised example ({"messages", "tools"}) of a loaded row (or a message list as is)."""
-    if isinstance(row, dict) and "example" in row:
-        return json.loads(row["example"])
-    if isinstance(row, dict) and "messages" in row:
-        return {"messages": row["messages"], "tools": row.get("tools")}
+    if hasattr(row, "keys"):  # a dict or a datasets row
+        keys = row.keys()
+        if "example" in keys:
+            return json.loads(row["example"])
+        return {"messages": list(row["messages"]), "tools": row["tools"] if "tools" in keys else None}
     return {"messages": list(row), "tools": None}
 
 

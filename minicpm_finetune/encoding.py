@@ -61,8 +61,6 @@ def _probe_messages(roles, contents):
 
 class ChatEncoder:
     def __init__(self, tokenizer):
-        from tokenizers import Tokenizer
-
         from .templates import end_of_turn_token
 
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -72,17 +70,16 @@ class ChatEncoder:
         self.tokenizer = tokenizer
         self.template = tokenizer.chat_template
         self.end_of_turn = end_of_turn_token(tokenizer)
-        spec = backend.to_str()
-        self._plain = Tokenizer.from_str(spec)  # a private copy: no padding/truncation left by other calls
-        self._plain.no_truncation()
-        self._plain.no_padding()
-        self._text_first, self._text_rest = self._text_backends(spec)
-        self._added_ids = dict(tokenizer.get_added_vocab())
-        tokens = sorted(self._added_ids, key=len, reverse=True)
-        self._added = re.compile("|".join(map(re.escape, tokens))) if tokens else None
+        self._backend = backend
+        # Only special tokens (control tokens) are the template's markers; other added tokens ("\n" in
+        # MiniCPM-2B's vocabulary) are split out of any text anyway.
+        self._special_ids = {t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        tokens = sorted(self._special_ids, key=len, reverse=True)
+        self._special = re.compile("|".join(map(re.escape, tokens))) if tokens else None
+        self._rest_pre_tokenizer = self._no_first_prepend(backend)
         self.blocks = self._probe_blocks()
         self.renders_tools = self._probe_tools()
-        self.can_protect = self._probe_protection()
+        self._can_protect = None  # checked on the first conversation that needs it
 
     # ----------------------------------------------------------------------- rendering
 
@@ -224,74 +221,92 @@ class ChatEncoder:
     # ----------------------------------------------------------------------- tokenizing
 
     @staticmethod
-    def _text_backends(spec: str):
-        """Tokenizers that read special-token text as text: one for the start of a text and one for a piece
-        after a special token (SentencePiece's "first" prepend scheme adds "▁" only at offset 0)."""
-        from tokenizers import Tokenizer
+    def _no_first_prepend(backend):
+        """For a piece after a special token: SentencePiece's "first" prepend scheme adds "▁" only at offset 0
+        of the whole text, so a piece tokenized on its own must not get it. None: no change needed."""
+        if backend.pre_tokenizer is None:
+            return None
+        spec = json.loads(backend.pre_tokenizer.__getstate__())
+        changed = [False]
 
-        def no_first_prepend(node):
+        def rewrite(node):
             if isinstance(node, dict):
                 if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
                     node["prepend_scheme"] = "never"
+                    changed[0] = True
                 for value in node.values():
-                    no_first_prepend(value)
+                    rewrite(value)
             elif isinstance(node, list):
                 for value in node:
-                    no_first_prepend(value)
+                    rewrite(value)
 
-        rest = json.loads(spec)
-        no_first_prepend(rest.get("pre_tokenizer"))
-        backends = []
-        for text in (spec, json.dumps(rest)):
-            backend = Tokenizer.from_str(text)
-            backend.no_truncation()
-            backend.no_padding()
-            backend.encode_special_tokens = True
-            backends.append(backend)
-        return backends
+        rewrite(spec)
+        return _pre_tokenizer_from_spec(spec) if changed[0] else None
+
+    def _encode_as_text(self, text: str, first: bool):
+        """Special-token text read as text (the backend's encode_special_tokens), one piece."""
+        backend = self._backend
+        saved_pre = backend.pre_tokenizer
+        backend.encode_special_tokens = True
+        if not first and self._rest_pre_tokenizer is not None:
+            backend.pre_tokenizer = self._rest_pre_tokenizer
+        try:
+            return backend.encode(text, add_special_tokens=False)
+        finally:
+            backend.encode_special_tokens = False
+            backend.pre_tokenizer = saved_pre
 
     def needs_protection(self, rendered: Rendered) -> bool:
         """Whether some content holds a special token's text."""
-        if self._added is None:
+        if self._special is None:
             return False
         text = rendered.text
-        return any(self._added.search(text, begin, end) for begin, end in rendered.contents)
+        return any(self._special.search(text, begin, end) for begin, end in rendered.contents)
 
     def encode_protected(self, rendered: Rendered) -> tuple[list[int], list[tuple[int, int]]]:
         """ids and offsets with special tokens matched only outside the content spans."""
         text, contents = rendered.text, rendered.contents
-        markers = [m for m in self._added.finditer(text)
-                   if not any(b < m.end() and m.start() < e for b, e in contents)] if self._added else []
+        markers = [m for m in self._special.finditer(text)
+                   if not any(b < m.end() and m.start() < e for b, e in contents)] if self._special else []
         ids, offsets, pos = [], [], 0
         for marker in markers + [None]:
             stop = marker.start() if marker else len(text)
             if stop > pos:
-                backend = self._text_first if pos == 0 else self._text_rest
-                encoding = backend.encode(text[pos:stop], add_special_tokens=False)
+                encoding = self._encode_as_text(text[pos:stop], first=pos == 0)
                 ids += encoding.ids
                 offsets += [(s + pos, e + pos) for s, e in encoding.offsets]
             if marker:
-                ids.append(self._added_ids[marker.group()])
+                ids.append(self._special_ids[marker.group()])
                 offsets.append(marker.span())
                 pos = marker.end()
         return ids, offsets
 
-    def _probe_protection(self) -> bool:
-        try:
-            for messages, prompt in _verification_conversations():
-                rendered = self.render(messages, generation_prompt=prompt)
-                if self.encode_protected(rendered)[0] != self._plain.encode(rendered.text,
-                                                                            add_special_tokens=False).ids:
-                    return False
-        except Exception:  # noqa: BLE001
-            return False
-        return True
+    @property
+    def can_protect(self) -> bool:
+        """Whether protected encoding gives the plain ids on text without special-looking content."""
+        if self._can_protect is None:
+            self._can_protect = True
+            try:
+                for messages, prompt in _verification_conversations():
+                    rendered = self.render(messages, generation_prompt=prompt)
+                    if self.encode_protected(rendered)[0] != self._encode([rendered.text])[0].ids:
+                        self._can_protect = False
+            except Exception:  # noqa: BLE001
+                self._can_protect = False
+        return self._can_protect
+
+    def _encode(self, texts: list[str]):
+        backend = self._backend
+        if backend.truncation is not None or backend.padding is not None:  # left by another call
+            backend.no_truncation()
+            backend.no_padding()
+        return backend.encode_batch(texts, add_special_tokens=False)
 
     def token_ids(self, rendered: Rendered) -> list[int]:
         """The ids of a rendered text (inference's prompt ids)."""
         if self.needs_protection(rendered) and self.can_protect:
             return self.encode_protected(rendered)[0]
-        return self._plain.encode(rendered.text, add_special_tokens=False).ids
+        return self._encode([rendered.text])[0].ids
 
     def prompt_ids(self, messages: list[dict], tools=None) -> list[int]:
         return self.token_ids(self.render(messages, tools, generation_prompt=True))
@@ -299,7 +314,7 @@ class ChatEncoder:
     def encode_batch(self, examples: list[dict], max_length: int | None) -> dict:
         """Columns input_ids, labels, length, full_length, num_learned, truncated, cut_replies."""
         rendered = [self.render(e["messages"], e.get("tools")) for e in examples]
-        encodings = self._plain.encode_batch([r.text for r in rendered], add_special_tokens=False)
+        encodings = self._encode([r.text for r in rendered])
         rows = {key: [] for key in ("input_ids", "labels", "length", "full_length", "num_learned", "truncated",
                                     "cut_replies")}
         for r, encoding in zip(rendered, encodings):
@@ -331,6 +346,15 @@ class ChatEncoder:
             rows["truncated"].append(full > len(ids))
             rows["cut_replies"].append(cut)
         return rows
+
+
+def _pre_tokenizer_from_spec(spec: dict):
+    """A tokenizers PreTokenizer built from its JSON description."""
+    from tokenizers import Tokenizer, models
+
+    holder = json.loads(Tokenizer(models.BPE()).to_str())
+    holder["pre_tokenizer"] = spec
+    return Tokenizer.from_str(json.dumps(holder)).pre_tokenizer
 
 
 def _range_from_encoding(encoding, n: int, begin: int, end: int):

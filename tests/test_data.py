@@ -224,9 +224,10 @@ def test_content_that_looks_like_a_special_token_is_text(tokenizer, text):
     plain = encode(tokenizer, [dict(m, content="x") for m in messages])["input_ids"]
     assert [t for t in ids if t in special] == [t for t in plain if t in special]
     # Inference encodes the prompt the same way: the ids before the second reply.
-    prompt = generation.prompt_ids(tokenizer, messages[:3])
-    assert ids[: len(prompt)] == prompt and labels[len(prompt)] != IGNORE_INDEX != labels[len(prompt) - 1] or \
-        labels[len(prompt) - 1] == IGNORE_INDEX
+    for k in (1, 3):
+        prompt = generation.prompt_ids(tokenizer, messages[:k])
+        assert ids[: len(prompt)] == prompt
+        assert labels[len(prompt) - 1] == IGNORE_INDEX and labels[len(prompt)] != IGNORE_INDEX
 
 
 # --------------------------------------------------------------------------- checks: one report, per format
@@ -255,7 +256,9 @@ def test_content_that_looks_like_a_special_token_is_text(tokenizer, text):
      'message 2: a tool call needs a "name"'),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "tool_calls": "{"}]}',
      "tool call is a string but not JSON"),
-])
+], ids=["malformed_json", "unknown_role", "out_of_order", "ends_with_user", "empty_reply", "non_string_content",
+        "system_not_first", "wrong_format", "text_key_not_read", "message_key_not_used", "duplicate_key",
+        "lone_surrogate", "line_is_an_array", "tool_call_without_name", "tool_calls_not_json"])
 def test_bad_records_are_named_by_file_and_line(tmp_path, line, problem):
     good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
     path = tmp_path / "bad.jsonl"
@@ -409,3 +412,18 @@ def test_preview_command_reports_bad_data_in_one_line(tmp_path, tiny_model):
     result = run(["python", "-m", "minicpm_finetune.data", "--tokenizer", tiny_model, "--data", str(bad)])
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"{bad}:1: conversation does not end with an assistant reply" in result.stderr
+
+
+def test_readme_shows_every_registered_format_and_the_flag_takes_them():
+    import os
+
+    from conftest import ROOT
+    from minicpm_finetune.arguments import DataArguments
+    from minicpm_finetune.data import FORMATS as CHOICES
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    for name, fmt in FORMATS.items():
+        assert json.dumps(fmt.example, ensure_ascii=False) in readme, name
+    assert f"--data_format {'|'.join(FORMATS)}" in readme
+    assert list(CHOICES) == ["auto", *FORMATS] == DataArguments.__dataclass_fields__["data_format"].metadata["choices"]
