@@ -89,8 +89,8 @@ class ChatEncoder:
 
     def render(self, messages: list[dict], tools=None, generation_prompt: bool = False) -> Rendered:
         """The text, the learned spans (none for a prompt) and the content spans of a conversation."""
-        plain = not tools and all(m["role"] in ("system", "user", "assistant") and not m.get("tool_calls")
-                                  and set(m) <= {"role", "content"} for m in messages)
+        # Normalised messages hold role and content, plus tool_calls/tool_call_id/name when they use tools.
+        plain = not tools and all(len(m) == 2 and m["role"] != "tool" for m in messages)
         if plain and self.blocks is not None:
             return self._render_blocks(messages, generation_prompt)
         return self._render_general(messages, tools, generation_prompt)
