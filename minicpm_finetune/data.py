@@ -285,14 +285,19 @@ def _location(path: str, number: int) -> str:
     return f"{path}: row {number}"
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
+def write_atomic(path: str, text) -> None:
+    """Write to a temporary name in the same folder, then rename: readers never see half a file.
+
+    ``text`` is a string or an iterable of strings (written one by one: a large file is never built whole)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+            if isinstance(text, str):
+                f.write(text)
+            else:
+                f.writelines(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -307,6 +312,23 @@ def write_atomic(path: str, text: str) -> None:
 def to_messages(record: dict, data_format: str) -> list[dict]:
     """One record's normalised messages (ValueError names the problem)."""
     return registry.convert(record, data_format)[0]["messages"]
+
+
+try:  # optional: serialises and parses our own normalised examples many times faster than json
+    import orjson as _orjson
+except ImportError:
+    _orjson = None
+_SERIALISER = "orjson" if _orjson else "json"  # part of the cache key: digests depend on it
+
+
+def _serialise(example: dict) -> bytes:
+    """UTF-8 JSON of a normalised example; UnicodeEncodeError for a lone surrogate."""
+    if _orjson is not None:
+        try:
+            return _orjson.dumps(example)
+        except TypeError:  # a lone surrogate: json names the character below
+            pass
+    return json.dumps(example, ensure_ascii=False).encode("utf-8")
 
 
 def _checked_rows(path: str, data_format: str, kind: str, prompts: bool):
@@ -331,15 +353,14 @@ def _checked_rows(path: str, data_format: str, kind: str, prompts: bool):
                 example, ignored = registry.convert(record, chosen)
                 if prompts:
                     example["messages"] = example["messages"][:-1]
-                text = json.dumps(example, ensure_ascii=False)
-                encoded = text.encode("utf-8")
+                encoded = _serialise(example)
             except UnicodeEncodeError as e:  # before ValueError, its base class
                 row["problem"] = (f"text holds a lone surrogate ({e.object[e.start:e.end].encode('unicode_escape').decode()}) "
                                   "that no tokenizer can encode: fix the text, or pass --skip_bad_samples")
             except ValueError as e:
                 row["problem"] = str(e)
             else:
-                row.update(example=text, ignored=",".join(ignored), tools=bool(
+                row.update(example=encoded, ignored=",".join(ignored), tools=bool(
                     example.get("tools") or any(m.get("tool_calls") or m["role"] == "tool"
                                                 for m in example["messages"])),
                            digest=int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little",
@@ -435,7 +456,8 @@ def check_file(path: str, data_format: str = "auto", kind: str = "sft", prompts:
 
     if data_format != "auto" and data_format not in registry.FORMATS:
         raise DataError(f"unknown data format {data_format!r} (expected one of {', '.join(FORMATS)})")
-    fingerprint = hashlib.sha256(json.dumps([CHECK_VERSION, _source_identity(path), data_format, kind, prompts])
+    fingerprint = hashlib.sha256(json.dumps([CHECK_VERSION, _SERIALISER, _source_identity(path), data_format, kind,
+                                             prompts])
                                  .encode("utf-8")).hexdigest()[:32]
     cache = os.path.join(datasets.config.HF_DATASETS_CACHE, "minicpm_finetune", f"checked-{fingerprint}.arrow")
     if not os.path.exists(cache):
@@ -558,10 +580,7 @@ class EncodeStats:
                 f"{int(np.percentile(lengths, 95))}/{int(lengths.max())}")
 
 
-try:  # optional: parses the checked examples (our own JSON) several times faster
-    from orjson import loads as _load_example
-except ImportError:
-    _load_example = json.loads
+_load_example = _orjson.loads if _orjson is not None else json.loads
 
 
 def _encode_rows(batch, encoder, max_length):
@@ -670,8 +689,8 @@ def main(argv=None) -> int:
         print("\nFirst sample (learned tokens in [[...]], the rest is masked):")
         print(render_masked(tokenizer, first["input_ids"], first["labels"]))
     if args.dump:
-        write_atomic(args.dump, "".join(json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n"
-                                        for row in dataset))
+        write_atomic(args.dump, (json.dumps({"input_ids": row["input_ids"], "labels": row["labels"]}) + "\n"
+                                 for row in dataset))
         print(f"\nwrote {len(dataset)} samples to {args.dump}")
     return 0
 

@@ -91,8 +91,11 @@ class ChatEncoder:
         """The text, the learned spans (none for a prompt) and the content spans of a conversation."""
         # Normalised messages hold role and content, plus tool_calls/tool_call_id/name when they use tools.
         plain = not tools and all(len(m) == 2 and m["role"] != "tool" for m in messages)
-        if plain and self.blocks is not None:
-            return self._render_blocks(messages, generation_prompt)
+        if plain and self.blocks is not None and messages:
+            try:
+                return self._render_blocks(messages, generation_prompt)
+            except KeyError:  # a shape the probes did not cover (e.g. two user turns in a row)
+                pass
         return self._render_general(messages, tools, generation_prompt)
 
     def _render_blocks(self, messages, generation_prompt) -> Rendered:
