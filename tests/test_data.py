@@ -427,3 +427,25 @@ def test_readme_shows_every_registered_format_and_the_flag_takes_them():
         assert json.dumps(fmt.example, ensure_ascii=False) in readme, name
     assert f"--data_format {'|'.join(FORMATS)}" in readme
     assert list(CHOICES) == ["auto", *FORMATS] == DataArguments.__dataclass_fields__["data_format"].metadata["choices"]
+
+
+def test_preprocessing_num_workers_gives_the_same_samples(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "w.jsonl", [{"messages": MULTI_TURN}, {"messages": MULTI_TURN[1:3]}] * 3)
+    one, _ = tokenize_dataset(load_conversations(path, log=lambda *_: None), tokenizer, 64)
+    two, _ = tokenize_dataset(load_conversations(path, log=lambda *_: None), tokenizer, 64, num_proc=2)
+    assert two["input_ids"] == one["input_ids"] and two["labels"] == one["labels"]
+
+
+def test_a_hub_name_is_loaded_through_datasets_and_fails_in_one_line_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"^nobody-here/no-such-dataset: not a local file, and loading it from the "
+                                        r"hub failed: .+") as info:
+        check_file("nobody-here/no-such-dataset")
+    assert "\n" not in str(info.value)
+    from minicpm_finetune.arguments import ArgumentError, parse_args
+
+    with pytest.raises(ArgumentError, match="--preprocessing_num_workers must be positive, got 0"):
+        parse_args(["--model_name_or_path", "x/y", "--train_data_path", "owner/train-set",
+                    "--eval_data_path", "owner/dev-set", "--output_dir", "/tmp/unused", "--use_cpu",
+                    "--preprocessing_num_workers", "0"])
