@@ -583,8 +583,12 @@ class EncodeStats:
 _load_example = _orjson.loads if _orjson is not None else json.loads
 
 
-def _encode_rows(batch, encoder, max_length):
-    return encoder.encode_batch([_load_example(text) for text in batch["example"]], max_length)
+def _encode_rows(batch, encoder, max_length, schema):
+    """One batch as an Arrow table: built in C from the lists, which datasets then writes as is."""
+    import pyarrow as pa
+
+    rows = encoder.encode_batch([_load_example(text) for text in batch["example"]], max_length)
+    return pa.table([pa.array(rows[f.name], f.type) for f in schema], schema=schema)
 
 
 def tokenize_dataset(conversations, tokenizer, max_length: int | None, num_proc: int | None = None,
@@ -614,7 +618,8 @@ def tokenize_dataset(conversations, tokenizer, max_length: int | None, num_proc:
                                   "num_learned": datasets.Value("int32"), "truncated": datasets.Value("bool"),
                                   "cut_replies": datasets.Value("int32")})
     encoded = conversations.map(_encode_rows, batched=True, remove_columns=conversations.column_names,
-                                fn_kwargs={"encoder": encoder, "max_length": max_length}, features=features,
+                                fn_kwargs={"encoder": encoder, "max_length": max_length,
+                                           "schema": features.arrow_schema}, features=features,
                                 num_proc=num_proc if num_proc and num_proc > 1 else None, desc="Tokenizing",
                                 new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])
     table = encoded.data

@@ -7,9 +7,9 @@ from conftest import run, write_jsonl
 from transformers import AutoTokenizer
 
 from minicpm_finetune import generation
-from minicpm_finetune.data import (IGNORE_INDEX, DataError, check_file, check_files, encode, example_of,
+from minicpm_finetune.data import (IGNORE_INDEX, DataError, check_file, encode, example_of,
                                    load_conversations, read_records, to_messages, tokenize_dataset)
-from minicpm_finetune.encoding import ChatEncoder, TemplateError, _verification_conversations, get_encoder
+from minicpm_finetune.encoding import ChatEncoder, TemplateError, _verification_conversations
 from minicpm_finetune.formats import FORMATS
 from minicpm_finetune.templates import CHATML_TEMPLATE, MINICPM_TEMPLATE, TEMPLATES, apply_template, end_of_turn_token
 
