@@ -5,13 +5,14 @@
 
 AdvertiseGen-like conversations (the records of data/advertisegen/train.jsonl, repeated and shuffled to
 --samples, converted to the conversation format) are written as a JSON Lines file, then in one process:
-- bare: every conversation rendered with the chat template (untimed), then only the tokenizer's batched
-  call over those texts, 1000 at a time, as the timed part;
 - prepare: what finetune.py does with the file: read, check, load into Arrow, render, tokenize, mask and
   write the tokenized set (data.load_conversations + data.tokenize_dataset), from a fresh cache;
-- cached: the same preparation again, served from the cache;
-- bare again, so that a machine busy with something else shows in both.
-The ratio is prepare / the mean of the two bare runs. --preview_samples runs the data preview
+- cached (after the first prepare): the same preparation again, served from the cache;
+- bare: every conversation rendered with the chat template (untimed), then only the tokenizer's batched
+  call over those texts, 1000 at a time, as the timed part;
+and again (--repeats pairs, interleaved, so that load from other jobs falls on both sides). The ratio is
+mean prepare / mean bare, in wall time and in CPU time of the process (all threads; less sensitive to a
+busy machine). --preview_samples runs the data preview
 (python -m minicpm_finetune.data) on that many conversations each, in a fresh process and a fresh cache,
 and reports each one's peak resident memory (ru_maxrss).
 
@@ -94,6 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model_max_length", type=int, default=512)
     parser.add_argument("--preview_samples", type=int, nargs="*", default=[],
                         help="also measure the preview's peak memory at these sizes (fresh processes)")
+    parser.add_argument("--repeats", type=int, default=2, help="prepare/bare pairs, interleaved")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
@@ -114,35 +116,52 @@ def main(argv=None) -> int:
     write_conversations(data, args.samples, args.seed)
     datasets.disable_progress_bars()
     rss_start = peak_rss_mib()
-
-    start = time.perf_counter()
-    conversations = load_conversations(data, log=lambda *_: None)
-    dataset, stats = tokenize_dataset(conversations, tokenizer, args.model_max_length, args.num_proc)
-    prepare_s = time.perf_counter() - start
-    rss_prepare = peak_rss_mib()
-
-    start = time.perf_counter()
-    cached, _ = tokenize_dataset(load_conversations(data, log=lambda *_: None), tokenizer, args.model_max_length)
-    cached_s = time.perf_counter() - start
-
     encoder = get_encoder(tokenizer)
-    texts = [encoder.render(**{"messages": example_of(row)["messages"]}).text for row in conversations]
-    bare_s = [bare(tokenizer, texts)]
-    bare_s.append(bare(tokenizer, texts))
+    texts = None
+
+    def prepare(run: int):
+        """The whole preparation from a fresh cache folder: (wall s, CPU s of all threads, stats, dataset)."""
+        datasets.config.HF_DATASETS_CACHE = os.path.join(work, f"cache{run}")
+        start, cpu = time.perf_counter(), time.process_time()
+        conversations = load_conversations(data, log=lambda *_: None)
+        dataset, stats = tokenize_dataset(conversations, tokenizer, args.model_max_length, args.num_proc)
+        return time.perf_counter() - start, time.process_time() - cpu, stats, conversations
+
+    # Interleaved (prepare, bare, prepare, bare, ...) so that load from other jobs falls on both sides.
+    prepare_s, prepare_cpu, bare_s, bare_cpu = [], [], [], []
+    for run in range(args.repeats):
+        wall, cpu, stats, conversations = prepare(run)
+        prepare_s.append(wall)
+        prepare_cpu.append(cpu)
+        if run == 0:
+            rss_prepare = peak_rss_mib()
+            start = time.perf_counter()
+            cached, _ = tokenize_dataset(load_conversations(data, log=lambda *_: None), tokenizer,
+                                         args.model_max_length)
+            cached_s = time.perf_counter() - start
+            texts = [encoder.render(example_of(row)["messages"]).text for row in conversations]
+        cpu = time.process_time()
+        bare_s.append(bare(tokenizer, texts))
+        bare_cpu.append(time.process_time() - cpu)
     bare_mean = sum(bare_s) / len(bare_s)
+    prepare_mean = sum(prepare_s) / len(prepare_s)
     results = {
         "samples": args.samples, "tokenizer": tokenizer_path if args.tokenizer else "tiny (built from the sample)",
         "vocab_size": len(tokenizer), "tokens_per_sample": stats.tokens / max(stats.samples, 1),
         "num_proc": args.num_proc, "fast_path": encoder.blocks is not None,
-        "bare_tokenizer_s": bare_s, "prepare_s": prepare_s, "ratio": prepare_s / bare_mean, "cached_s": cached_s,
+        "bare_tokenizer_s": bare_s, "prepare_s": prepare_s, "ratio": prepare_mean / bare_mean,
+        "bare_tokenizer_cpu_s": bare_cpu, "prepare_cpu_s": prepare_cpu, "cpu_ratio": sum(prepare_cpu) / sum(bare_cpu),
+        "cached_s": cached_s,
         "peak_rss_mib_before": rss_start, "peak_rss_mib_after_prepare": rss_prepare,
         "cpu_count": os.cpu_count(),
     }
     print(f"{args.samples} conversations, {results['tokens_per_sample']:.0f} tokens each, vocabulary {len(tokenizer)}, "
           f"{os.cpu_count()} CPUs")
-    print(f"bare batched tokenizer call over the rendered texts: {bare_s[0]:.1f} s and {bare_s[1]:.1f} s")
-    print(f"whole preparation (read, check, render, tokenize, mask, write): {prepare_s:.1f} s = "
-          f"{results['ratio']:.2f}x the bare call; peak RSS {rss_prepare:.0f} MiB")
+    print(f"bare batched tokenizer call over the rendered texts: {', '.join(f'{x:.1f}' for x in bare_s)} s "
+          f"(CPU {', '.join(f'{x:.1f}' for x in bare_cpu)} s)")
+    print(f"whole preparation (read, check, render, tokenize, mask, write): {', '.join(f'{x:.1f}' for x in prepare_s)} s "
+          f"(CPU {', '.join(f'{x:.1f}' for x in prepare_cpu)} s) = {results['ratio']:.2f}x the bare call "
+          f"({results['cpu_ratio']:.2f}x in CPU time); peak RSS {rss_prepare:.0f} MiB")
     print(f"second run, same data/tokenizer/template/length: {cached_s:.1f} s (cache)")
     for samples in args.preview_samples:
         peak = preview_peak(tokenizer_path, samples, args.seed)
