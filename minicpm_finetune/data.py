@@ -72,8 +72,33 @@ def _object(pairs):
 
 _decoder = json.JSONDecoder(object_pairs_hook=_object)
 
+try:  # optional: parses and serialises several times faster than json (same results, checked below)
+    import orjson as _orjson
+except ImportError:
+    _orjson = None
+_SERIALISER = "orjson" if _orjson else "json"  # part of the cache key: digests depend on it
+
+
+def _count_keys(obj) -> int:
+    if isinstance(obj, dict):
+        return len(obj) + sum(_count_keys(v) for v in obj.values())
+    if isinstance(obj, list):
+        return sum(_count_keys(v) for v in obj)
+    return 0
+
 
 def _parse(text: str):
+    """One JSON value; a key given twice in an object raises _DuplicateKey (json would keep the last)."""
+    if _orjson is not None:
+        try:
+            obj = _orjson.loads(text)
+        except _orjson.JSONDecodeError:
+            obj = None  # json below says what is wrong (or accepts what orjson refuses, e.g. lone surrogates)
+        else:
+            # Every key is written as "key": so when the text holds no more '":' than the parsed object has
+            # keys, no key was given twice. Otherwise (spaces before the colon, '":' inside strings) check.
+            if text.count('":') == _count_keys(obj):
+                return obj
     obj, end = _decoder.raw_decode(text, len(text) - len(text.lstrip()))
     if text[end:].strip():
         raise json.JSONDecodeError("Extra data", text, end)
@@ -314,11 +339,6 @@ def to_messages(record: dict, data_format: str) -> list[dict]:
     return registry.convert(record, data_format)[0]["messages"]
 
 
-try:  # optional: serialises and parses our own normalised examples many times faster than json
-    import orjson as _orjson
-except ImportError:
-    _orjson = None
-_SERIALISER = "orjson" if _orjson else "json"  # part of the cache key: digests depend on it
 
 
 def _serialise(example: dict) -> bytes:
