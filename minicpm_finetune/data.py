@@ -22,6 +22,7 @@ Preview before training:
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -481,7 +482,13 @@ def check_file(path: str, data_format: str = "auto", kind: str = "sft", prompts:
                                  .encode("utf-8")).hexdigest()[:32]
     cache = os.path.join(datasets.config.HF_DATASETS_CACHE, "minicpm_finetune", f"checked-{fingerprint}.arrow")
     if not os.path.exists(cache):
-        _write_checked(cache, _checked_rows(path, data_format, kind, prompts))
+        collecting = gc.isenabled()
+        gc.disable()  # many small objects, no cycles (see _encode_rows)
+        try:
+            _write_checked(cache, _checked_rows(path, data_format, kind, prompts))
+        finally:
+            if collecting:
+                gc.enable()
     checked = datasets.Dataset.from_file(cache)
     checked._fingerprint = fingerprint
     check = FileCheck(path, checked=checked)
@@ -607,8 +614,16 @@ def _encode_rows(batch, encoder, max_length, schema):
     """One batch as an Arrow table: built in C from the lists, which datasets then writes as is."""
     import pyarrow as pa
 
-    rows = encoder.encode_batch([_load_example(text) for text in batch["example"]], max_length)
-    return pa.table([pa.array(rows[f.name], f.type) for f in schema], schema=schema)
+    # A batch allocates a few hundred thousand small objects and no reference cycles: the cyclic collector
+    # would only scan them again and again (a quarter of the time in a profile).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        rows = encoder.encode_batch([_load_example(text) for text in batch["example"]], max_length)
+        return pa.table([pa.array(rows[f.name], f.type) for f in schema], schema=schema)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def tokenize_dataset(conversations, tokenizer, max_length: int | None, num_proc: int | None = None,
