@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import formats as registry
+from .formats import check_messages  # noqa: F401 - part of this module's interface (preference.py uses it)
 from .encoding import ENCODER_VERSION, IGNORE_INDEX, TemplateError, get_encoder, tokenizer_fingerprint
 
 FORMATS = ("auto", *registry.format_names())
@@ -443,10 +444,12 @@ class FileCheck:
     duplicates: int = 0
     ignored_keys: list = field(default_factory=list)
     tool_records: int = 0
+    records: list = field(default_factory=list)  # (number, record) for checks made in memory (preference.py)
 
     def report(self) -> str:
-        more = self.problem_count - len(self.problems)
-        lines = [f"{self.problem_count} bad record(s) in {self.path}:", *self.problems]
+        count = max(self.problem_count, len(self.problems))
+        more = count - len(self.problems)
+        lines = [f"{count} bad record(s) in {self.path}:", *self.problems]
         if more:
             lines.append(f"... and {more} more")
         return "\n".join(lines)
