@@ -28,6 +28,7 @@ from typing import Callable
 
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+_PLAIN_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,14 @@ def check_messages(messages: list) -> list[dict]:
         raise ValueError("the conversation must be a non-empty list of messages")
     out, previous = [], None
     for i, message in enumerate(messages):
+        # The common case first (a role and a non-empty text): only the order is left to check.
+        if (type(message) is dict and len(message) == 2 and message.get("role") in _PLAIN_ROLES
+                and type(message.get("content")) is str and message["content"].strip()):
+            role = message["role"]
+            if role in _allowed_after(previous):
+                previous = {"role": role, "content": message["content"]}
+                out.append(previous)
+                continue
         where = f"message {i + 1}"
         if not isinstance(message, dict):
             raise ValueError(f"{where} is not an object")
@@ -297,6 +306,8 @@ def convert(record: dict, data_format: str) -> tuple[dict, list[str]]:
     fmt = FORMATS[data_format]
     present = {k: v for k, v in record.items() if v is not None}  # Arrow fills absent fields with null
     example = fmt.convert(present)  # first: a record in another format is told what it misses
+    if present.keys() <= set(fmt.keys):
+        return example, []
     lost = sorted(k for k in present if k in TEXT_KEYS and k not in fmt.keys)
     if lost:
         raise ValueError(f'key "{lost[0]}" is not read by the {fmt.name} format, its text would be lost '
