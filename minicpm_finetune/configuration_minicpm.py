@@ -87,5 +87,16 @@ class MiniCPMConfig(PreTrainedConfig):
         """The final hidden states are divided by this before the LM head."""
         return self.hidden_size / self.dim_model_base
 
+    def to_dict(self):
+        """Also under the official field names, ``rope_theta`` and ``rope_scaling`` (None for plain RoPE),
+        which serving stacks and converters with native MiniCPM support read from config.json; loading
+        the result gives the same ``rope_parameters``."""
+        output = super().to_dict()
+        rope = dict(output.get("rope_parameters") or {})
+        if "rope_theta" in rope:
+            output["rope_theta"] = rope.pop("rope_theta")
+            output["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+        return output
+
 
 __all__ = ["MiniCPMConfig"]

@@ -1,0 +1,112 @@
+"""Outputs that work anywhere: every output (LoRA adapter, its checkpoints, full model, merged model, Llama
+export) keeps the tokenizer it was trained with, byte for byte and id for id, on a tokenizer laid out as
+MiniCPM-2B's (tokenizer.model + legacy: true); full and merged MiniCPM folders load without this package
+(trust_remote_code, the official layout) with the same logits; adapters name their base as an absolute
+path or a hub id, and merge and inference find a hub-id base in the hub's local cache, offline."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import finetune
+from minicpm_finetune.export import main as export_main
+from minicpm_finetune.outputs import AUTO_MAP, MODEL_CODE_FILES
+from minicpm_finetune.templates import MINICPM_TEMPLATE
+from minicpm_finetune.tiny import MINICPM_2B_TEMPLATE, build_tiny
+
+# AdvertiseGen-like text: Chinese punctuation (added tokens in MiniCPM's vocabulary) followed by text, with and
+# without spaces, plus English and digits.
+TEXTS = [
+    "类型#裙*颜色#红色*风格#文艺",
+    "这款连衣裙显瘦又文艺，适合夏天穿。",
+    "你好，世界！今天天气很好。",
+    "你好， 世界。 再见！ 好的？",
+    "简约的设计，搭配精致的印花；穿出优雅气质：时尚、百搭。",
+    "Hello, how can I help you today? 你好，有什么可以帮你的吗？",
+    "价格：199元，3件包邮！",
+    "<用户>推荐一条裙子<AI>这款连衣裙，显瘦又文艺。",
+]
+
+
+def ids(tokenizer):
+    return [tokenizer(text).input_ids for text in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def legacy_base(tmp_path_factory, data_dir):
+    """A tiny MiniCPM whose tokenizer is laid out as MiniCPM-2B's: tokenizer.model, legacy: true,
+    Chinese punctuation as user-defined pieces, MiniCPM-2B's own chat template inside tokenizer_config.json."""
+    return build_tiny(str(tmp_path_factory.mktemp("legacy") / "base"), [str(data_dir / "train.jsonl")],
+                      sentencepiece_files=True)
+
+
+@pytest.fixture(scope="module")
+def outputs(legacy_base, data_dir, tmp_path_factory):
+    """Train a LoRA adapter (from a RELATIVE model path) and a full model, merge the adapter, export the merged
+    model to Llama layout; returns the folders."""
+    work = tmp_path_factory.mktemp("outputs")
+    common = ["--train_data_path", str(data_dir / "train.jsonl"), "--eval_data_path", str(data_dir / "dev.jsonl"),
+              "--use_cpu", "--report_to", "none", "--eval_strategy", "no", "--eval_generation", "false",
+              "--per_device_train_batch_size", "4", "--model_max_length", "64", "--disable_tqdm", "true"]
+    shutil.copytree(legacy_base, work / "base")
+    cwd = os.getcwd()
+    os.chdir(work)  # the base is given relative to here
+    try:
+        finetune.main(["--model_name_or_path", "base", "--output_dir", "lora", "--use_lora", "--max_steps", "2",
+                       "--save_steps", "2", "--learning_rate", "1e-2", *common])
+    finally:
+        os.chdir(cwd)
+    finetune.main(["--model_name_or_path", legacy_base, "--output_dir", str(work / "full"), "--max_steps", "1",
+                   "--save_strategy", "no", "--learning_rate", "1e-3", *common])
+    assert export_main(["merge", "--adapter", str(work / "lora"), "--output_dir", str(work / "merged")]) == 0
+    assert export_main(["llama", "--model", str(work / "merged"), "--output_dir", str(work / "llama")]) == 0
+    return {name: work / name for name in ("lora", "full", "merged", "llama")} | {
+        "checkpoint": work / "lora" / "checkpoint-2", "base": work / "base"}
+
+
+def test_the_legacy_setting_changes_ids_when_lost(legacy_base, tmp_path):
+    """Why this matters (and proof the tokenizer test below can fail): re-saving the loaded tokenizer, as
+    transformers 5 does, drops tokenizer.model and `legacy: true`, and the ids of the texts change."""
+    with open(os.path.join(legacy_base, "tokenizer_config.json"), encoding="utf-8") as f:
+        assert json.load(f)["legacy"] is True
+    base = AutoTokenizer.from_pretrained(legacy_base)
+    base.save_pretrained(tmp_path)
+    assert not os.path.exists(tmp_path / "tokenizer.model")
+    resaved = AutoTokenizer.from_pretrained(tmp_path)
+    changed = [text for text, a, b in zip(TEXTS, ids(base), ids(resaved)) if a != b]
+    assert len(changed) >= 5, changed
+    # legacy: true starts the segment after an added token ("，") with "▁", as if a space were there.
+    legacy, plain = base.tokenize("你好，有什么"), resaved.tokenize("你好，有什么")
+    assert legacy[legacy.index("，") + 1].startswith("▁") and not plain[plain.index("，") + 1].startswith("▁")
+
+
+@pytest.mark.parametrize("name", ["lora", "checkpoint", "full", "merged", "llama"])
+def test_every_output_keeps_the_tokenizer_it_was_trained_with(outputs, legacy_base, name):
+    folder = outputs[name]
+    with open(os.path.join(legacy_base, "tokenizer.model"), "rb") as f:
+        model_file = f.read()
+    with open(folder / "tokenizer.model", "rb") as f:  # llama.cpp's converter reads MiniCPM vocabularies from it
+        assert f.read() == model_file
+    with open(folder / "tokenizer_config.json", encoding="utf-8") as f:
+        settings = json.load(f)
+    assert settings["legacy"] is True and settings["tokenizer_class"] == "LlamaTokenizer"
+    assert "chat_template" not in settings  # ours is in chat_template.jinja, not MiniCPM-2B's
+    assert not os.path.exists(folder / "tokenizer.json")  # nothing that would be read instead of tokenizer.model
+
+    reloaded = AutoTokenizer.from_pretrained(folder)
+    assert ids(reloaded) == ids(AutoTokenizer.from_pretrained(legacy_base))
+    assert reloaded.chat_template == MINICPM_TEMPLATE != MINICPM_2B_TEMPLATE  # the template we trained with
+    assert reloaded.pad_token == "<unk>"  # the pad token we trained with
+
+
+def test_adapter_names_its_relative_base_as_an_absolute_path(outputs):
+    for folder in (outputs["lora"], outputs["checkpoint"]):
+        with open(folder / "adapter_config.json", encoding="utf-8") as f:
+            assert json.load(f)["base_model_name_or_path"] == str(outputs["base"])
