@@ -110,3 +110,71 @@ def test_adapter_names_its_relative_base_as_an_absolute_path(outputs):
     for folder in (outputs["lora"], outputs["checkpoint"]):
         with open(folder / "adapter_config.json", encoding="utf-8") as f:
             assert json.load(f)["base_model_name_or_path"] == str(outputs["base"])
+
+
+# ------------------------------------------------------------------ portable model folders
+
+# Runs in a fresh interpreter (-I: no PYTHONPATH, no script folder) from a temporary folder, with any import of
+# minicpm_finetune refused, so only the model folder's own code can serve model_type "minicpm".
+PORTABLE_LOAD = r"""
+import importlib.abc, json, sys
+
+class NoPackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "minicpm_finetune":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, NoPackage())
+sys.path = [p for p in sys.path if p and not __import__("os").path.isdir(p + "/minicpm_finetune")]
+try:
+    import minicpm_finetune
+    raise SystemExit("minicpm_finetune is importable")
+except ImportError:
+    pass
+import torch
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+ids = torch.tensor(json.loads(sys.argv[2]))
+with torch.no_grad():
+    logits = model(ids).logits
+generated = model.generate(ids[:1], max_new_tokens=6, do_sample=False)
+print(json.dumps({"class": f"{type(model).__module__}.{type(model).__name__}", "logits": logits.tolist(),
+                  "generated": generated.tolist()}))
+"""
+INPUT_IDS = [[1, 5, 9, 30, 42, 77, 100], [1, 8, 13, 21, 34, 55, 89]]
+# config.json fields of the official MiniCPM-2B checkpoints, read by serving stacks with native MiniCPM support.
+OFFICIAL_FIELDS = {"architectures", "bos_token_id", "eos_token_id", "hidden_act", "hidden_size", "initializer_range",
+                   "intermediate_size", "max_position_embeddings", "model_type", "num_attention_heads",
+                   "num_hidden_layers", "num_key_value_heads", "rms_norm_eps", "rope_scaling", "rope_theta",
+                   "use_cache", "vocab_size", "scale_emb", "dim_model_base", "scale_depth", "auto_map"}
+
+
+@pytest.mark.parametrize("name", ["full", "merged"])
+def test_full_and_merged_folders_load_without_the_package(outputs, name, tmp_path):
+    folder = outputs[name]
+    with open(folder / "config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    assert OFFICIAL_FIELDS <= set(config), OFFICIAL_FIELDS - set(config)
+    assert config["auto_map"] == AUTO_MAP and config["architectures"] == ["MiniCPMForCausalLM"]
+    assert config["rope_theta"] == 10000.0 and config["rope_scaling"] is None
+    package = os.path.join(ROOT, "minicpm_finetune")
+    for code in MODEL_CODE_FILES:
+        with open(folder / code, "rb") as shipped, open(os.path.join(package, code), "rb") as source:
+            assert shipped.read() == source.read()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-I", "-c", PORTABLE_LOAD, str(folder), json.dumps(INPUT_IDS)],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = json.loads(result.stdout.strip().splitlines()[-1])
+    assert remote["class"].startswith("transformers_modules.") and remote["class"].endswith(".MiniCPMForCausalLM")
+
+    # Here, with the package imported, its registered native class serves the same folder, even asked for remote code.
+    native = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(native).__module__ == "minicpm_finetune.modeling_minicpm"
+    ids_ = torch.tensor(INPUT_IDS)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(remote["logits"]), native(ids_).logits, rtol=0, atol=1e-5)
+    assert remote["generated"] == native.generate(ids_[:1], max_new_tokens=6, do_sample=False).tolist()
