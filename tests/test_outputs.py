@@ -178,3 +178,75 @@ def test_full_and_merged_folders_load_without_the_package(outputs, name, tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(torch.tensor(remote["logits"]), native(ids_).logits, rtol=0, atol=1e-5)
     assert remote["generated"] == native.generate(ids_[:1], max_new_tokens=6, do_sample=False).tolist()
+
+
+# ------------------------------------------------------------------ a hub-id base, offline from the hub's cache
+
+
+@pytest.fixture(scope="module")
+def hub_env(legacy_base, tmp_path_factory):
+    """A populated hub cache holding the tiny model as `owner/tiny` (the layout huggingface_hub writes:
+    models--owner--tiny/snapshots/<commit>/..., refs/main), and an environment that uses only it."""
+    cache = tmp_path_factory.mktemp("hub")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--owner--tiny"
+    shutil.copytree(legacy_base, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+
+
+def test_hub_id_base_trains_merges_and_infers_offline_from_the_cache(hub_env, legacy_base, data_dir, tmp_path):
+    from peft import PeftModel
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=ROOT, env=hub_env, capture_output=True, text=True,
+                              timeout=600)
+
+    adapter = tmp_path / "adapter"
+    result = run("finetune.py", "--model_name_or_path", "owner/tiny", "--use_lora", "--lora_r", "4",
+                 "--train_data_path", str(data_dir / "train.jsonl"), "--eval_data_path", str(data_dir / "dev.jsonl"),
+                 "--output_dir", str(adapter), "--use_cpu", "--report_to", "none", "--save_strategy", "no",
+                 "--eval_strategy", "no", "--eval_generation", "false", "--max_steps", "3", "--learning_rate", "5e-2",
+                 "--per_device_train_batch_size", "4", "--model_max_length", "64", "--disable_tqdm", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(adapter / "adapter_config.json", encoding="utf-8") as f:
+        assert json.load(f)["base_model_name_or_path"] == "owner/tiny"  # a hub id stays a hub id
+    with open(adapter / "tokenizer.model", "rb") as a, open(os.path.join(legacy_base, "tokenizer.model"), "rb") as b:
+        assert a.read() == b.read()  # the tokenizer files came from the cached snapshot
+
+    merged = tmp_path / "merged"
+    result = run("-m", "minicpm_finetune.export", "merge", "--adapter", str(adapter), "--output_dir", str(merged))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids_ = torch.tensor(INPUT_IDS)
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(legacy_base), adapter).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(merged).eval()(ids_).logits,
+                                   expected(ids_).logits, rtol=0, atol=1e-5)
+        assert not torch.allclose(expected(ids_).logits, AutoModelForCausalLM.from_pretrained(legacy_base)(ids_).logits)
+
+    replies = []
+    for model in (adapter, merged):
+        result = run("inference.py", "--model_name_or_path", str(model), "--prompt", "推荐一条裙子",
+                     "--max_new_tokens", "8", "--no_stream")
+        assert result.returncode == 0, result.stderr[-3000:]
+        replies.append(result.stdout)
+    assert replies[0] == replies[1] and replies[0].strip()
+
+
+def test_hub_id_base_missing_from_the_cache_is_one_line(hub_env, outputs, tmp_path):
+    adapter = tmp_path / "adapter"
+    shutil.copytree(outputs["lora"], adapter)
+    with open(adapter / "adapter_config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    with open(adapter / "adapter_config.json", "w", encoding="utf-8") as f:
+        json.dump(dict(config, base_model_name_or_path="owner/missing"), f)
+    for args in (["-m", "minicpm_finetune.export", "merge", "--adapter", str(adapter), "--output_dir",
+                  str(tmp_path / "merged")],
+                 ["inference.py", "--model_name_or_path", str(adapter), "--prompt", "你好"]):
+        result = subprocess.run([sys.executable, *args], cwd=ROOT, env=hub_env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 2, result.stderr[-3000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "owner/missing" in lines[0], lines
+    assert not os.path.exists(tmp_path / "merged")
