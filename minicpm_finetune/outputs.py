@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import os
 import shutil
@@ -59,11 +60,16 @@ def tokenizer_folder(name_or_path: str) -> str | None:
         return None
     if os.path.isdir(name_or_path):
         return name_or_path if has_tokenizer(name_or_path) else None
+    return _hub_tokenizer_folder(name_or_path)
+
+
+@functools.lru_cache(maxsize=None)  # asked at every checkpoint; one look-up per run
+def _hub_tokenizer_folder(repo_id: str) -> str | None:
     from huggingface_hub import snapshot_download
 
     try:
-        folder = snapshot_download(name_or_path, allow_patterns=list(TOKENIZER_FILES))
-    except Exception:  # not a hub id, offline without a cached copy, ...: save what was loaded instead
+        folder = snapshot_download(repo_id, allow_patterns=list(TOKENIZER_FILES))
+    except Exception:  # not a hub id, offline without a cached copy, ...: the caller saves what was loaded
         return None
     return folder if has_tokenizer(folder) else None
 
