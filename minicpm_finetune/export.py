@@ -10,10 +10,10 @@ untied. The folding is done in fp32 and cast back to the model's dtype; in fp32 
 the same logits as the MiniCPM one.
 
 ``merge`` loads the base named by the adapter's ``base_model_name_or_path`` (a folder, or a hub id
-through the hub's local cache), applies the adapter and merges it. The merge math runs in fp32 (the base is upcast, merged, then cast back), and the
-result is saved in the dtype of the base weights unless ``--dtype`` says otherwise; a bf16 base
-therefore gives a bf16 merged model, with one rounding of the merged weight rather than one per
-step. The tokenizer (and its chat template) comes from the adapter folder when it has one, else
+through the hub's local cache), applies the adapter and merges it. The merge math runs in fp32 (the
+base is upcast, merged, then cast back), and the result is saved in the dtype of the base weights
+unless ``--dtype`` says otherwise; a bf16 base therefore gives a bf16 merged model, with one rounding
+of the merged weight rather than one per step. The tokenizer (and its chat template) comes from the adapter folder when it has one, else
 from the base.
 
 Every output keeps the tokenizer's own files (``tokenizer.model`` and its settings, see outputs.py);
