@@ -2,12 +2,14 @@
 
     python inference.py --model_name_or_path MODEL --prompt "你好"
 
-The same as the `minicpm-inference` command of the installed package; the code is minicpm_finetune/inference.py.
+The code is minicpm_finetune/inference.py, which the installed package also runs as `minicpm-inference`.
 """
 
 import sys
 
-from minicpm_finetune.inference import main
+from minicpm_finetune import inference
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(inference.main())
+else:  # `import inference` gives the package module itself
+    sys.modules[__name__] = inference

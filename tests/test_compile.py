@@ -161,7 +161,7 @@ def test_finetune_with_compile_layers_saves_the_eager_adapter_layout(tmp_path, t
      "--compile_layers does not work under DeepSpeed ZeRO-3"),
 ], ids=["torch_compile", "zero3"])
 def test_conflicting_flags_are_one_line(tmp_path, tiny_model, data_dir, capsys, extra, message):
-    from minicpm_finetune import finetune
+    import finetune
 
     argv = ["--model_name_or_path", str(tiny_model), "--train_data_path", str(data_dir / "train.jsonl"),
             "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out"), "--use_cpu",

@@ -362,7 +362,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 @pytest.fixture
 def main_without_model(monkeypatch):
     """finetune.main with model and tokenizer loading replaced by a failure: errors must come first."""
-    from minicpm_finetune import finetune
+    import finetune
 
     def never(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded before the arguments were rejected")

@@ -8,7 +8,7 @@ import torch
 from conftest import QA, ROOT, run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minicpm_finetune import finetune
+import finetune
 
 
 def train(tiny_model, data_dir, output_dir, *extra):

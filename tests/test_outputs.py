@@ -15,7 +15,7 @@ import torch
 from conftest import ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minicpm_finetune import finetune
+import finetune
 from minicpm_finetune.export import main as export_main
 from minicpm_finetune.outputs import AUTO_MAP, MODEL_CODE_FILES
 from minicpm_finetune.templates import MINICPM_TEMPLATE

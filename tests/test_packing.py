@@ -188,7 +188,7 @@ def train_args(tiny_model, data_dir, tmp_path, *extra):
 
 
 def test_finetune_with_packing_trains(tiny_model, data_dir, tmp_path, capsys):
-    from minicpm_finetune import finetune
+    import finetune
 
     finetune.main(train_args(tiny_model, data_dir, tmp_path, "--packing", "--use_lora",
                              "--lora_target_modules", "q_proj,v_proj", "--per_device_train_batch_size", "2",
@@ -222,7 +222,7 @@ def test_qlora_trains_with_packing_and_checkpointing(data_dir, tmp_path):
     backend): q/v are 4-bit NF4 under fp32 LoRA adapters, only the adapters train, the loss goes down, and
     the saved adapter on a freshly quantized base gives the trained model's logits."""
     bitsandbytes = pytest.importorskip("bitsandbytes")
-    from minicpm_finetune import finetune
+    import finetune
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -258,7 +258,7 @@ def test_qlora_trains_with_packing_and_checkpointing(data_dir, tmp_path):
 def test_qlora_without_bitsandbytes_is_one_clear_error(tiny_model, data_dir, tmp_path, capsys, monkeypatch):
     import importlib.metadata
 
-    from minicpm_finetune import finetune
+    import finetune
 
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)
