@@ -77,16 +77,6 @@ class MiniCPMConfig(PreTrainedConfig):
                 f"num_key_value_heads ({self.num_key_value_heads})."
             )
 
-    @property
-    def residual_scale(self) -> float:
-        """Factor applied to each attention / MLP output before it is added to the residual stream."""
-        return self.scale_depth / self.num_hidden_layers**0.5
-
-    @property
-    def logits_scale(self) -> float:
-        """The final hidden states are divided by this before the LM head."""
-        return self.hidden_size / self.dim_model_base
-
     def to_dict(self):
         """Also under the official field names, ``rope_theta`` and ``rope_scaling`` (None for plain RoPE),
         which serving stacks and converters with native MiniCPM support read from config.json; loading
@@ -97,6 +87,16 @@ class MiniCPMConfig(PreTrainedConfig):
             output["rope_theta"] = rope.pop("rope_theta")
             output["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
         return output
+
+    @property
+    def residual_scale(self) -> float:
+        """Factor applied to each attention / MLP output before it is added to the residual stream."""
+        return self.scale_depth / self.num_hidden_layers**0.5
+
+    @property
+    def logits_scale(self) -> float:
+        """The final hidden states are divided by this before the LM head."""
+        return self.hidden_size / self.dim_model_base
 
 
 __all__ = ["MiniCPMConfig"]

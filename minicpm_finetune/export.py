@@ -16,7 +16,7 @@ unless ``--dtype`` says otherwise; a bf16 base therefore gives a bf16 merged mod
 of the merged weight rather than one per step. The tokenizer (and its chat template) comes from the adapter folder when it has one, else
 from the base.
 
-Every output keeps the tokenizer's own files (``tokenizer.model`` and its settings, see outputs.py);
+Every output keeps the tokenizer's own files (``tokenizer.model`` and its settings, see portable.py);
 a merged MiniCPM also carries its model code and an ``auto_map``, so it loads without this package
 (``trust_remote_code=True``).
 
@@ -101,8 +101,8 @@ def fold_into_llama(model):
 def _save_tokenizer(source: str, output_dir: str) -> None:
     """The tokenizer files of ``source`` (a folder, or a hub id through the hub's cache) as they are, chat
     template included: an output of finetune.py already holds the base's files and the template it was
-    trained with (outputs.py), and a base's own template belongs to it."""
-    from .outputs import copy_tokenizer, tokenizer_folder
+    trained with (portable.py), and a base's own template belongs to it."""
+    from .portable import copy_tokenizer, tokenizer_folder
 
     folder = tokenizer_folder(source)
     if folder is not None:
@@ -206,7 +206,7 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str | None = None) -
     from transformers import AutoModelForCausalLM
 
     from .arguments import looks_local
-    from .outputs import has_tokenizer, ship_model_code
+    from .portable import has_tokenizer, ship_model_code
 
     adapter_config = _read_adapter_config(adapter_dir)
     named_in = f"named in {adapter_dir}/adapter_config.json"

@@ -118,10 +118,8 @@ def tiny_config(vocab_size: int, bos_token_id: int = 1, eos_token_id: int = 2, *
     return MiniCPMConfig(**settings)
 
 
-def build_tiny(output_dir: str, data_files=(), chat_template: str = "minicpm", seed: int = 0,
-               sentencepiece_files: bool = False, **config_overrides) -> str:
-    """Write a tiny random MiniCPM and its tokenizer to ``output_dir`` (atomically) and return the path.
-    ``sentencepiece_files``: the tokenizer in MiniCPM-2B's layout (see ``build_tokenizer``)."""
+def build_tiny(output_dir: str, data_files=(), chat_template: str = "minicpm", seed: int = 0, **config_overrides) -> str:
+    """Write a tiny random MiniCPM and its tokenizer to ``output_dir`` (atomically) and return the path."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -130,7 +128,7 @@ def build_tiny(output_dir: str, data_files=(), chat_template: str = "minicpm", s
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
     try:
-        tokenizer = build_tokenizer(staging, texts, chat_template, sentencepiece_files=sentencepiece_files)
+        tokenizer = build_tokenizer(staging, texts, chat_template)
         torch.manual_seed(seed)
         config = tiny_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, **config_overrides)
         model = AutoModelForCausalLM.from_config(config)

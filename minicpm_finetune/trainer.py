@@ -13,7 +13,7 @@ import torch
 from transformers import Trainer
 
 from .generation import evaluate_generation
-from .outputs import finish_output
+from .portable import finish_output
 from .safety import NonFiniteLossGuard
 
 
@@ -47,7 +47,7 @@ class MiniCPMTrainer(NonFiniteLossGuard, Trainer):
 
     def _save(self, output_dir=None, state_dict=None):
         """Every save (the final model and each checkpoint) keeps the base's tokenizer files, the chat
-        template, and for a full MiniCPM its model code (see outputs.py)."""
+        template, and for a full MiniCPM its model code (see portable.py)."""
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             finish_output(output_dir if output_dir is not None else self.args.output_dir, self.processing_class)

@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finetune
 from minicpm_finetune.export import main as export_main
-from minicpm_finetune.outputs import AUTO_MAP, MODEL_CODE_FILES
+from minicpm_finetune.portable import AUTO_MAP, MODEL_CODE_FILES
 from minicpm_finetune.templates import MINICPM_TEMPLATE
-from minicpm_finetune.tiny import MINICPM_2B_TEMPLATE, build_tiny
+from minicpm_finetune.tiny import MINICPM_2B_TEMPLATE, build_tokenizer, tiny_config
 
 # AdvertiseGen-like text: Chinese punctuation (added tokens in MiniCPM's vocabulary) followed by text, with and
 # without spaces, plus English and digits.
@@ -43,8 +43,13 @@ def ids(tokenizer):
 def legacy_base(tmp_path_factory, data_dir):
     """A tiny MiniCPM whose tokenizer is laid out as MiniCPM-2B's: tokenizer.model, legacy: true,
     Chinese punctuation as user-defined pieces, MiniCPM-2B's own chat template inside tokenizer_config.json."""
-    return build_tiny(str(tmp_path_factory.mktemp("legacy") / "base"), [str(data_dir / "train.jsonl")],
-                      sentencepiece_files=True)
+    folder = str(tmp_path_factory.mktemp("legacy") / "base")
+    with open(data_dir / "train.jsonl", encoding="utf-8") as f:
+        texts = [message["content"] for line in f for message in json.loads(line)["messages"]]
+    tokenizer = build_tokenizer(folder, texts, sentencepiece_files=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config(len(tokenizer))).save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
