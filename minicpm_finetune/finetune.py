@@ -3,8 +3,7 @@
     python finetune.py --model_name_or_path PATH --train_data_path train.jsonl --eval_data_path dev.jsonl \
         --output_dir OUT [--use_lora] [--deepspeed configs/ds_config_zero3.json] [any TrainingArguments flag]
 
-`minicpm-finetune` once the package is installed; `python finetune.py` (what `lora_finetune.sh` and
-`sft_finetune.sh` call) runs this module.
+`lora_finetune.sh` (one GPU, LoRA) and `sft_finetune.sh` (DeepSpeed, full parameters) call this file.
 """
 
 import os
@@ -123,12 +122,6 @@ def main(argv=None):
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit ("terminate called")
     return trainer
-
-
-def console_main() -> int:
-    """The `minicpm-finetune` command: main() returns the Trainer, a command its exit status."""
-    main()
-    return 0
 
 
 if __name__ == "__main__":

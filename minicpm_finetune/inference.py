@@ -4,8 +4,6 @@
     python inference.py --model_name_or_path MODEL                              # chat: 'clear' resets, 'exit' quits
     python inference.py --model_name_or_path MODEL --input_file test.jsonl --output_file predictions.jsonl
 
-(`minicpm-inference` once the package is installed; `python inference.py` runs this module.)
-
 MODEL is a base model, a full fine-tune output, a merged model or a LoRA adapter folder (its base is
 read from adapter_config.json); or give the base as MODEL and the adapter with --adapter DIR.
 Prompts are rendered with the chat template saved with the model or adapter, as in training. A prompt
