@@ -1,4 +1,5 @@
-"""What every output folder carries, whoever writes it (the Trainer's saves and checkpoints, merge, Llama export).
+"""What every output folder carries, whoever writes it (the Trainer's saves and checkpoints through
+``PortableSaves``, merge, Llama export).
 
 - The tokenizer it was trained with: the base's own tokenizer files, copied byte for byte, plus the chat
   template we trained with (``chat_template.jinja``). Re-saving a loaded tokenizer is not the same thing:
@@ -153,3 +154,14 @@ def finish_output(output_dir: str, tokenizer=None) -> None:
     if tokenizer is not None:
         save_tokenizer(tokenizer, output_dir)
     ship_model_code(output_dir)
+
+
+class PortableSaves:
+    """Mixin for a transformers ``Trainer`` (put it first among the bases): every save, the final model and
+    each checkpoint, writes what ``finish_output`` adds (the base's tokenizer files with the chat template,
+    and a full MiniCPM's code), on the processes that save."""
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            finish_output(output_dir if output_dir is not None else self.args.output_dir, self.processing_class)

@@ -13,11 +13,11 @@ import torch
 from transformers import Trainer
 
 from .generation import evaluate_generation
-from .portable import finish_output
+from .portable import PortableSaves
 from .safety import NonFiniteLossGuard
 
 
-class MiniCPMTrainer(NonFiniteLossGuard, Trainer):
+class MiniCPMTrainer(PortableSaves, NonFiniteLossGuard, Trainer):
     """``Trainer`` that, at each evaluation, also generates replies for ``generation_samples`` and scores them.
 
     generation_samples: (prompt messages, reference) pairs for the validation set (``eval_samples``);
@@ -44,13 +44,6 @@ class MiniCPMTrainer(NonFiniteLossGuard, Trainer):
                 return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         finally:
             self._pending_samples = None
-
-    def _save(self, output_dir=None, state_dict=None):
-        """Every save (the final model and each checkpoint) keeps the base's tokenizer files, the chat
-        template, and for a full MiniCPM its model code (see portable.py)."""
-        super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            finish_output(output_dir if output_dir is not None else self.args.output_dir, self.processing_class)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
