@@ -78,6 +78,19 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "torch.compile each decoder layer in place (regional compilation): fuses the norms, rotary, "
                 "SwiGLU and residual scalings; the first training steps are slower while it compiles, and "
                 "evaluation and generation run eager"})
+    # What generated replies are scored by; accuracy suits label tasks (classification), ROUGE/BLEU free text.
+    eval_metrics: str = field(default="rouge,bleu", metadata={
+        "help": "comma-separated generation metrics: rouge (ROUGE-1/2/L), bleu (BLEU-4), accuracy (exact match "
+                "of the normalised reply, for label tasks)"})
+    # Preference tuning (DPO) from the same entry point; preference.py and dpo.py.
+    stage: str = field(default="sft", metadata={
+        "help": "sft (supervised) or dpo (preference pairs: prompt, chosen, rejected)", "choices": ["sft", "dpo"]})
+    dpo_beta: float = field(default=0.1, metadata={
+        "help": "DPO beta: how far the tuned model may move from the reference (higher: less)"})
+    dpo_loss_type: str = field(default="sigmoid", metadata={
+        "help": "DPO loss: sigmoid (the DPO paper), hinge or ipo", "choices": ["sigmoid", "hinge", "ipo"]})
+    sft_loss_weight: float = field(default=0.0, metadata={
+        "help": "weight of an SFT term (mean negative log-likelihood of the chosen replies) added to the DPO loss"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -122,6 +135,14 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         check_compile_layers(training_args)
     if training_args.max_new_tokens <= 0:
         raise ArgumentError(f"--max_new_tokens must be positive, got {training_args.max_new_tokens}")
+    from .metrics import parse_metric_names
+
+    try:
+        parse_metric_names(training_args.eval_metrics)
+    except ValueError as e:
+        raise ArgumentError(f"--eval_metrics: {e}") from None
+    if training_args.stage == "dpo":
+        check_dpo(data_args, training_args)
     try:  # "true"/"latest" becomes the newest complete checkpoint-N in --output_dir
         training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint,
                                                               training_args.output_dir)
@@ -165,6 +186,22 @@ def check_compile_layers(training_args) -> None:
         # breaks and the recompile limit hit on a 2-layer model), so compiling would only cost time.
         raise ArgumentError("--compile_layers does not work under DeepSpeed ZeRO-3 (its parameter hooks break "
                             "the compiled graphs); use a ZeRO-2 config or drop --compile_layers")
+
+
+def check_dpo(data_args, training_args) -> None:
+    """--stage dpo needs TRL and preference data; say what does not apply before anything is loaded."""
+    from importlib.util import find_spec
+
+    if find_spec("trl") is None:
+        raise ArgumentError("--stage dpo needs TRL: pip install trl")
+    if training_args.dpo_beta <= 0:
+        raise ArgumentError(f"--dpo_beta must be positive, got {training_args.dpo_beta}")
+    if training_args.sft_loss_weight < 0:
+        raise ArgumentError(f"--sft_loss_weight must be 0 or more, got {training_args.sft_loss_weight}")
+    if training_args.packing:
+        raise ArgumentError("--packing does not apply to --stage dpo (chosen and rejected are batched as pairs)")
+    if data_args.data_format != "auto":
+        raise ArgumentError("--data_format names SFT formats; preference formats are detected (--stage dpo)")
 
 
 def looks_local(name: str) -> bool:

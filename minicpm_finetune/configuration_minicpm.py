@@ -98,5 +98,11 @@ class MiniCPMConfig(PreTrainedConfig):
         """The final hidden states are divided by this before the LM head."""
         return self.hidden_size / self.dim_model_base
 
+    @property
+    def logits_scaling(self) -> float:
+        """The same divisor under the name transformers' MiniCPM3 config gives it, which TRL's fused LM head
+        reads: without it TRL's DPO would score replies on logits hidden_size / dim_model_base times too large."""
+        return self.logits_scale
+
 
 __all__ = ["MiniCPMConfig"]

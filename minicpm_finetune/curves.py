@@ -21,7 +21,15 @@ METRIC_LABELS = {
     "eval_rouge-2": "ROUGE-2",
     "eval_rouge-l": "ROUGE-L",
     "eval_bleu-4": "BLEU-4",
+    "eval_accuracy": "accuracy",  # --eval_metrics accuracy (label tasks)
 }
+# DPO (--stage dpo): TRL's reward metrics on the validation set.
+REWARD_LABELS = {
+    "eval_rewards/margins": "margin (chosen - rejected)",
+    "eval_rewards/chosen": "chosen reward",
+    "eval_rewards/rejected": "rejected reward",
+}
+REWARD_ACCURACY_KEY = "eval_rewards/accuracies"
 PNG_NAME = "training_curves.png"
 
 
@@ -32,8 +40,8 @@ def _is_number(value) -> bool:
 def curve_series(log_history: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     """The points to plot, as {log key: (steps, values)}, in log order.
 
-    Keys are ``loss`` (training), ``eval_loss`` and each ``eval_rouge-*`` / ``eval_bleu-4``
-    present. Skipped: entries without a numeric ``step``, the end-of-training summary (it
+    Keys are ``loss`` (training), ``eval_loss``, each ``eval_rouge-*`` / ``eval_bleu-4`` / ``eval_accuracy``
+    and, for DPO, each ``eval_rewards/*`` present. Skipped: entries without a numeric ``step``, the end-of-training summary (it
     carries ``train_runtime`` and an average ``train_loss``, not a point on the curve), and
     values that are not finite numbers (they cannot be drawn). Series without points are absent.
     """
@@ -42,7 +50,7 @@ def curve_series(log_history: list[dict]) -> dict[str, tuple[list[int], list[flo
         step = entry.get("step")
         if not _is_number(step) or "train_runtime" in entry:
             continue
-        for key in (LOSS_KEY, EVAL_LOSS_KEY, *METRIC_LABELS):
+        for key in (LOSS_KEY, EVAL_LOSS_KEY, *METRIC_LABELS, *REWARD_LABELS, REWARD_ACCURACY_KEY):
             value = entry.get(key)
             if _is_number(value):
                 steps, values = series.setdefault(key, ([], []))
@@ -95,11 +103,30 @@ def _draw_metrics(ax, series) -> None:
     ax.set_ylim(bottom=0)
 
 
+def _draw_rewards(ax, series) -> None:
+    for key, label in REWARD_LABELS.items():
+        if key in series:
+            steps, values = series[key]
+            ax.plot(steps, values, marker="o", markersize=4, linewidth=1.5, label=f"{label} (last {values[-1]:.3g})")
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.set_title("Validation rewards (DPO)")
+    ax.set_ylabel("reward (beta x log-ratio)")
+    if REWARD_ACCURACY_KEY in series:  # a share in [0, 1]: its own axis on the right
+        steps, values = series[REWARD_ACCURACY_KEY]
+        right = ax.twinx()
+        right.plot(steps, values, color="black", linestyle="--", marker="s", markersize=4,
+                   label=f"reward accuracy (last {values[-1]:.2f})")
+        right.set_ylim(-0.02, 1.02)
+        right.set_ylabel("reward accuracy")
+        right.legend(loc="lower right", fontsize="small")
+
+
 def plot_training_curves(log_history: list[dict], output_path) -> Path:
     """Write a PNG of the training curves and return its path.
 
     Left panel: training loss (raw, light) with a smoothed line, validation loss as markers.
-    Right panel, only when the log has them: ROUGE-1/2/L and BLEU-4 over steps. The file is
+    Then, only when the log has them: ROUGE-1/2/L, BLEU-4 and accuracy over steps; for DPO the
+    validation rewards (margin, chosen, rejected) with the reward accuracy on a right axis. The file is
     written to a temporary name and renamed, so readers never see half a PNG.
     Raises ValueError when the log has nothing to plot.
     """
@@ -112,6 +139,7 @@ def plot_training_curves(log_history: list[dict], output_path) -> Path:
     if not series:
         raise ValueError("the log history has no training loss, validation loss or metric to plot")
     has_metrics = any(key in series for key in METRIC_LABELS)
+    has_rewards = any(key in series for key in (*REWARD_LABELS, REWARD_ACCURACY_KEY))
     has_loss = LOSS_KEY in series or EVAL_LOSS_KEY in series
 
     panels = []
@@ -119,6 +147,8 @@ def plot_training_curves(log_history: list[dict], output_path) -> Path:
         panels.append(_draw_loss)
     if has_metrics:
         panels.append(_draw_metrics)
+    if has_rewards:
+        panels.append(_draw_rewards)
     fig = Figure(figsize=(6.5 * len(panels), 4.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     # Shared step axis, so a point on the right lines up with the loss at that step.

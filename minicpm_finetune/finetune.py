@@ -3,6 +3,8 @@
     python finetune.py --model_name_or_path PATH --train_data_path train.jsonl --eval_data_path dev.jsonl \
         --output_dir OUT [--use_lora] [--deepspeed configs/ds_config_zero3.json] [any TrainingArguments flag]
 
+`--stage dpo` tunes the model on preference pairs (prompt, chosen, rejected) instead: train_preferences.
+
 `lora_finetune.sh` (one GPU, LoRA) and `sft_finetune.sh` (DeepSpeed, full parameters) call this file.
 """
 
@@ -16,6 +18,7 @@ from minicpm_finetune.arguments import ArgumentError, parse_args
 from minicpm_finetune.curves import plot_training_curves
 from minicpm_finetune.data import IGNORE_INDEX, DataError, check_files, load_conversations, tokenize_dataset
 from minicpm_finetune.generation import eval_samples, generation_kwargs, save_metrics, save_predictions
+from minicpm_finetune.metrics import parse_metric_names
 from minicpm_finetune.model import load_model, load_tokenizer
 from minicpm_finetune.packing import PackingCollator, pack_dataset, packing_summary
 from minicpm_finetune.safety import NonFiniteLossError, ProcessReport
@@ -58,8 +61,9 @@ def evaluate_at_end(trainer, datasets, samples, args):
     """Loss and generation metrics on the test set (else validation) to test_metrics.json and
     test_predictions.jsonl, then the training-curve PNG; files written by the first process."""
     split = "test" if "test" in datasets else "eval"
-    generation_samples = samples[split] if args.eval_generation else None
-    metrics = trainer.evaluate(datasets[split], metric_key_prefix="test", generation_samples=generation_samples)
+    generation_samples = samples[split] if args.eval_generation and split in samples else None
+    extra = {"generation_samples": generation_samples} if generation_samples else {}
+    metrics = trainer.evaluate(datasets[split], metric_key_prefix="test", **extra)
     if not trainer.is_world_process_zero():
         return
     metrics["test_split"] = "test" if split == "test" else "validation"
@@ -79,6 +83,8 @@ def main(argv=None):
     except ArgumentError as e:
         fail(str(e))
     set_seed(training_args.seed)
+    if training_args.stage == "dpo":
+        return train_preferences(model_args, data_args, training_args)
 
     try:
         tokenizer = load_tokenizer(model_args)
@@ -106,7 +112,8 @@ def main(argv=None):
         data_collator=collator,
         # ROUGE/BLEU of generated replies next to the validation loss at each evaluation.
         generation_samples=samples["eval"][:training_args.eval_num_samples] if training_args.eval_generation else None,
-        generation_config=dict(max_new_tokens=training_args.max_new_tokens, **generation_kwargs(
+        generation_config=dict(max_new_tokens=training_args.max_new_tokens,
+                               metrics=parse_metric_names(training_args.eval_metrics), **generation_kwargs(
             training_args.generation_num_beams, training_args.do_sample, training_args.temperature,
             training_args.top_p)),
         callbacks=[ProcessReport()],
@@ -121,6 +128,37 @@ def main(argv=None):
     evaluate_at_end(trainer, datasets, samples, training_args)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit ("terminate called")
+    return trainer
+
+
+def train_preferences(model_args, data_args, training_args):
+    """--stage dpo: preference pairs -> the model given (an SFT output) tuned by DPO -> saved -> reward metrics
+    of the test set (else validation) in test_metrics.json, and the curves."""
+    from minicpm_finetune.dpo import PreferenceTrainer, load_reference_model
+    from minicpm_finetune.preference import prepare_preference_data
+
+    try:
+        tokenizer = load_tokenizer(model_args)
+        datasets = prepare_preference_data(data_args, training_args, tokenizer)
+    except (DataError, ValueError, OSError) as e:
+        fail(str(e))
+    model = load_model(model_args, training_args)
+    # The reference is the starting model: with LoRA this model with its adapter off, else a frozen copy.
+    ref_model = None if model_args.use_lora else load_reference_model(model_args, training_args)
+    trainer = PreferenceTrainer(
+        model=model, ref_model=ref_model, args=training_args, train_dataset=datasets["train"],
+        eval_dataset=datasets["eval"], processing_class=tokenizer, beta=training_args.dpo_beta,
+        loss_type=training_args.dpo_loss_type, sft_loss_weight=training_args.sft_loss_weight,
+        callbacks=[ProcessReport()])
+    try:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except NonFiniteLossError as e:
+        fail(str(e))
+    trainer.save_model()
+    trainer.save_state()
+    evaluate_at_end(trainer, datasets, {}, training_args)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return trainer
 
 

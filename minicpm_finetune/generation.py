@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from .data import write_atomic
-from .metrics import compute_metrics
+from .metrics import DEFAULT_METRICS, compute_metrics
 from .templates import end_of_turn_token
 
 
@@ -253,14 +253,15 @@ def generate_replies(model, tokenizer, prompts_messages: list[list[dict]], max_n
 
 
 def evaluate_generation(model, tokenizer, samples: list[tuple[list[dict], str]], max_new_tokens: int = 128,
-                        batch_size: int = 8, show_progress: bool = True, **gen_kwargs):
+                        batch_size: int = 8, show_progress: bool = True, metrics=DEFAULT_METRICS, **gen_kwargs):
     """Generate a reply for each (prompt, reference) sample; return (predictions, metrics).
 
-    metrics: ROUGE-1/2/L and BLEU-4 (``compute_metrics``, x100) plus ``num_samples``.
+    metrics: those named in ``metrics`` (``compute_metrics``, x100: ROUGE-1/2/L and BLEU-4 by default,
+    or accuracy) plus ``num_samples``.
     """
     predictions = generate_replies(model, tokenizer, [prompt for prompt, _ in samples], max_new_tokens,
                                    batch_size, show_progress, **gen_kwargs)
-    metrics = compute_metrics(predictions, [reference for _, reference in samples])
+    metrics = compute_metrics(predictions, [reference for _, reference in samples], metrics)
     metrics["num_samples"] = len(samples)
     return predictions, metrics
 

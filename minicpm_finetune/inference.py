@@ -42,6 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--metrics_file", default=None, help="metrics JSON (default: OUTPUT.metrics.json)")
     parser.add_argument("--data_format", default="auto", choices=["auto", "conversation", "input_output"])
     parser.add_argument("--every_turn", action="store_true", help="with --input_file: answer every assistant turn")
+    parser.add_argument("--eval_metrics", default="rouge,bleu",
+                        help="with references: comma list of rouge, bleu, accuracy (exact match, for label tasks)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=512)
     parser.add_argument("--max_length", type=int, default=None,
@@ -218,7 +220,7 @@ def predict_file(model, tokenizer, args, gen_kwargs, samples, prompts) -> None:
     print(f"wrote {len(predictions)} predictions to {args.output_file}")
     references = [reference for _, reference in samples]
     if None not in references:
-        metrics = dict(compute_metrics(predictions, references), num_samples=len(samples))
+        metrics = dict(compute_metrics(predictions, references, args.eval_metrics), num_samples=len(samples))
         metrics_file = args.metrics_file or os.path.splitext(args.output_file)[0] + ".metrics.json"
         save_metrics(metrics_file, metrics)
         print(json.dumps(metrics, ensure_ascii=False))
@@ -287,6 +289,13 @@ def main(argv=None) -> int:
         return 2
     from minicpm_finetune.data import DataError
     from minicpm_finetune.generation import PromptTooLong, context_limit, fit_prompt, generation_kwargs
+    from minicpm_finetune.metrics import parse_metric_names
+
+    try:
+        args.eval_metrics = parse_metric_names(args.eval_metrics)
+    except ValueError as e:
+        print(f"error: --eval_metrics: {e}", file=sys.stderr)
+        return 2
 
     try:
         tokenizer, config = load_tokenizer_and_config(args)

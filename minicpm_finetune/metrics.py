@@ -1,12 +1,44 @@
-"""Generation metrics: ROUGE-1/2/L and BLEU-4 on jieba-segmented words.
+"""Generation metrics: ROUGE-1/2/L and BLEU-4 on jieba-segmented words, and accuracy for label tasks.
 
-The recipe follows ChatGLM3's fine-tuning demo (also used by LLaMA-Factory), so numbers are
-comparable with what those toolkits report for AdvertiseGen and similar data sets.
+The ROUGE/BLEU recipe follows ChatGLM3's fine-tuning demo (also used by LLaMA-Factory), so numbers are
+comparable with what those toolkits report for AdvertiseGen and similar data sets. Accuracy is the share
+of replies equal to their reference once both are normalised (``normalise_label``): what a
+classification task such as OCNLI is scored by.
 """
 
 from __future__ import annotations
 
+import unicodedata
+
 METRIC_KEYS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
+METRIC_NAMES = ("rouge", "bleu", "accuracy")  # what --eval_metrics chooses from
+DEFAULT_METRICS = ("rouge", "bleu")
+# Trailing punctuation a label reply may carry ("entailment." / "蕴含。") without changing the label.
+_TRAILING_PUNCTUATION = " \t\n.。!！?？,，;；:：\"'“”‘’"
+
+
+def parse_metric_names(text: str) -> tuple[str, ...]:
+    """``"rouge,bleu"`` -> ("rouge", "bleu"); ValueError for an unknown or empty list."""
+    names = tuple(dict.fromkeys(name.strip().lower() for name in str(text).split(",") if name.strip()))
+    unknown = [name for name in names if name not in METRIC_NAMES]
+    if unknown or not names:
+        problem = f"unknown metric {unknown[0]!r}" if unknown else "no metric given"
+        raise ValueError(f"{problem}; choose from {', '.join(METRIC_NAMES)}")
+    return names
+
+
+def normalise_label(text: str) -> str:
+    """NFKC (full-width letters and digits to ASCII), case folded, inner whitespace runs as one space,
+    surrounding whitespace and trailing punctuation removed."""
+    text = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    return text.rstrip(_TRAILING_PUNCTUATION).strip()
+
+
+def accuracy(predictions: list[str], references: list[str]) -> float:
+    """Percentage (x100, 4 decimals) of predictions equal to their reference after ``normalise_label``;
+    0 for no pairs."""
+    hits = sum(normalise_label(p) == normalise_label(r) for p, r in zip(predictions, references))
+    return round(hits / max(len(predictions), 1) * 100, 4)
 
 # Built on first use: importing nltk takes about a second and jieba loads its dictionary lazily.
 _tools = None
@@ -53,8 +85,9 @@ def _score_pair(prediction: str, reference: str) -> dict[str, float]:
     return scores
 
 
-def compute_metrics(predictions: list[str], references: list[str]) -> dict:
-    """Mean ROUGE-1/2/L F1 and BLEU-4 over prediction/reference pairs, each x 100.
+def compute_metrics(predictions: list[str], references: list[str], metrics=DEFAULT_METRICS) -> dict:
+    """Mean ROUGE-1/2/L F1 and BLEU-4 over prediction/reference pairs, each x 100; ``metrics`` (names of
+    METRIC_NAMES) chooses among ``rouge`` (the three ROUGE keys), ``bleu`` (``bleu-4``) and ``accuracy``.
 
     Both sides are segmented into words with jieba (whitespace tokens dropped). ROUGE is
     rouge-chinese's ``Rouge().get_scores`` F1 on the words joined by spaces; BLEU-4 is nltk's
@@ -67,17 +100,24 @@ def compute_metrics(predictions: list[str], references: list[str]) -> dict:
 
     A pair whose prediction or reference is empty or whitespace-only scores 0 on every metric
     (it still counts in the mean). Texts of fewer than 2 words (ROUGE-2) or 4 words (BLEU-4)
-    cannot reach 100 even when identical. Empty input lists give all zeros. Returns exactly the keys
-    ``rouge-1``, ``rouge-2``, ``rouge-l``, ``bleu-4``.
+    cannot reach 100 even when identical. Empty input lists give all zeros. With the default ``metrics``
+    returns exactly the keys ``rouge-1``, ``rouge-2``, ``rouge-l``, ``bleu-4``; ``accuracy`` adds ``accuracy``.
     """
     if len(predictions) != len(references):
         raise ValueError(
             f"compute_metrics needs one reference per prediction, "
             f"got {len(predictions)} predictions and {len(references)} references"
         )
-    totals = dict.fromkeys(METRIC_KEYS, 0.0)
-    for prediction, reference in zip(predictions, references):
-        for key, value in _score_pair(prediction, reference).items():
-            totals[key] += value
-    count = max(len(predictions), 1)
-    return {key: round(total / count * 100, 4) for key, total in totals.items()}
+    metrics = parse_metric_names(",".join(metrics))
+    keys = [key for key in METRIC_KEYS if ("bleu" if key == "bleu-4" else "rouge") in metrics]
+    result = {}
+    if keys:  # segmenting is the slow part: only when ROUGE or BLEU is asked for
+        totals = dict.fromkeys(METRIC_KEYS, 0.0)
+        for prediction, reference in zip(predictions, references):
+            for key, value in _score_pair(prediction, reference).items():
+                totals[key] += value
+        count = max(len(predictions), 1)
+        result = {key: round(totals[key] / count * 100, 4) for key in keys}
+    if "accuracy" in metrics:
+        result["accuracy"] = accuracy(predictions, references)
+    return result

@@ -22,7 +22,7 @@ class MiniCPMTrainer(PortableSaves, NonFiniteLossGuard, Trainer):
 
     generation_samples: (prompt messages, reference) pairs for the validation set (``eval_samples``);
         None turns generation-based evaluation off.
-    generation_config: keyword arguments of ``generate_replies`` (max_new_tokens, num_beams, do_sample, ...).
+    generation_config: keyword arguments of ``evaluate_generation`` (max_new_tokens, metrics, num_beams, do_sample, ...).
     After each ``evaluate`` with generation, ``last_predictions`` holds the replies (on every rank).
     """
 

@@ -45,7 +45,7 @@ def test_curve_series_extracts_exactly_the_plotted_points():
         {"loss": float("nan"), "step": 30},              # cannot be drawn: ignored
         {"loss": 1.2, "step": 40},
         {"eval_loss": 1.9, "eval_rouge-1": 35.0, "step": 40},
-        {"eval_accuracy": 0.5, "step": 40},              # not a curve we plot
+        {"eval_f1": 0.5, "step": 40},                    # not a curve we plot
         # End-of-training summary: ignored even if it carried a "loss".
         {"train_runtime": 9.0, "train_loss": 1.9, "loss": 1.9, "epoch": 1.0, "step": 40},
     ]
@@ -145,3 +145,23 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, case):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(target) in lines[0]
     assert not (target / "training_curves.png").exists()
+
+
+def test_label_accuracy_and_dpo_rewards_are_plotted(tmp_path):
+    """--eval_metrics accuracy joins the metrics panel; DPO's validation rewards get their own panel."""
+    log = [
+        {"loss": 0.69, "rewards/margins": 0.0, "step": 1},  # training rewards: not plotted (noisy per batch)
+        {"eval_loss": 0.69, "eval_rewards/accuracies": 0.0, "eval_rewards/margins": 0.0,
+         "eval_rewards/chosen": 0.0, "eval_rewards/rejected": 0.0, "eval_accuracy": 25.0, "step": 0},
+        {"eval_loss": 0.4, "eval_rewards/accuracies": 1.0, "eval_rewards/margins": 0.5,
+         "eval_rewards/chosen": 0.2, "eval_rewards/rejected": -0.3, "eval_accuracy": 75.0, "step": 8},
+    ]
+    series = curve_series(log)
+    assert series["eval_accuracy"] == ([0, 8], [25.0, 75.0])
+    assert series["eval_rewards/accuracies"] == ([0, 8], [0.0, 1.0])
+    assert series["eval_rewards/margins"] == ([0, 8], [0.0, 0.5])
+    assert series["eval_rewards/rejected"] == ([0, 8], [0.0, -0.3])
+    assert "rewards/margins" not in series
+    width = matplotlib.image.imread(plot_training_curves(log, tmp_path / "all.png")).shape[1]
+    loss_only = matplotlib.image.imread(plot_training_curves(log[:1], tmp_path / "loss.png")).shape[1]
+    assert round(width / loss_only) == 3  # loss, metrics and rewards panels side by side
