@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import QA, ROOT, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finetune
@@ -55,7 +55,7 @@ def legacy_base(tmp_path_factory, data_dir):
 @pytest.fixture(scope="module")
 def outputs(legacy_base, data_dir, tmp_path_factory):
     """Train a LoRA adapter (from a RELATIVE model path) and a full model, merge the adapter, export the merged
-    model to Llama layout; returns the folders."""
+    model to Llama layout, tune the full model on preference pairs (DPO); returns the folders."""
     work = tmp_path_factory.mktemp("outputs")
     common = ["--train_data_path", str(data_dir / "train.jsonl"), "--eval_data_path", str(data_dir / "dev.jsonl"),
               "--use_cpu", "--report_to", "none", "--eval_strategy", "no", "--eval_generation", "false",
@@ -72,7 +72,14 @@ def outputs(legacy_base, data_dir, tmp_path_factory):
                    "--save_strategy", "no", "--learning_rate", "1e-3", *common])
     assert export_main(["merge", "--adapter", str(work / "lora"), "--output_dir", str(work / "merged")]) == 0
     assert export_main(["llama", "--model", str(work / "merged"), "--output_dir", str(work / "llama")]) == 0
-    return {name: work / name for name in ("lora", "full", "merged", "llama")} | {
+    # Preference tuning of the full SFT output: its own Trainer saves the same way.
+    pairs = [{"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": a}],
+              "rejected": [{"role": "assistant", "content": QA[(i + 1) % len(QA)][1]}]} for i, (q, a) in enumerate(QA)]
+    write_jsonl(work / "pairs.jsonl", pairs * 2)
+    finetune.main(["--stage", "dpo", "--model_name_or_path", str(work / "full"), "--output_dir", str(work / "dpo"),
+                   "--max_steps", "1", "--save_strategy", "no", "--learning_rate", "1e-3",
+                   *[str(work / "pairs.jsonl") if arg.endswith(".jsonl") else arg for arg in common]])
+    return {name: work / name for name in ("lora", "full", "merged", "llama", "dpo")} | {
         "checkpoint": work / "lora" / "checkpoint-2", "base": work / "base"}
 
 
@@ -92,7 +99,7 @@ def test_the_legacy_setting_changes_ids_when_lost(legacy_base, tmp_path):
     assert legacy[legacy.index("，") + 1].startswith("▁") and not plain[plain.index("，") + 1].startswith("▁")
 
 
-@pytest.mark.parametrize("name", ["lora", "checkpoint", "full", "merged", "llama"])
+@pytest.mark.parametrize("name", ["lora", "checkpoint", "full", "merged", "llama", "dpo"])
 def test_every_output_keeps_the_tokenizer_it_was_trained_with(outputs, legacy_base, name):
     folder = outputs[name]
     with open(os.path.join(legacy_base, "tokenizer.model"), "rb") as f:
@@ -155,8 +162,8 @@ OFFICIAL_FIELDS = {"architectures", "bos_token_id", "eos_token_id", "hidden_act"
                    "use_cache", "vocab_size", "scale_emb", "dim_model_base", "scale_depth", "auto_map"}
 
 
-@pytest.mark.parametrize("name", ["full", "merged"])
-def test_full_and_merged_folders_load_without_the_package(outputs, name, tmp_path):
+@pytest.mark.parametrize("name", ["full", "merged", "dpo"])
+def test_model_folders_load_without_the_package(outputs, name, tmp_path):
     folder = outputs[name]
     with open(folder / "config.json", encoding="utf-8") as f:
         config = json.load(f)
