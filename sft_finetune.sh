@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Full-parameter fine-tuning with DeepSpeed ZeRO on one node of several GPUs, or several nodes (HOSTFILE).
-# Every setting below can be overridden from the environment; extra arguments go to finetune.py:
+# The hyperparameters are in CONFIG (configs/sft.yaml); the variables below can be set in the environment;
+# extra arguments go to finetune.py and override the config:
 #   NUM_GPUS=8 DS_CONFIG=configs/ds_config_zero2.json bash sft_finetune.sh --num_train_epochs 3
+# The demo (tiny model and sample data, built when missing; ZeRO-3 over 2 CPU processes without a GPU):
+#   bash sft_finetune.sh --demo
 # Several nodes: HOSTFILE=hostfile MASTER_ADDR=10.0.0.1 bash sft_finetune.sh (see docs/faults.md, Several nodes).
 # After a crash: OUTPUT_DIR=<the same folder> bash sft_finetune.sh --resume_from_checkpoint true
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/common.sh
 
+if [[ "${1:-}" == --demo ]]; then shift; prepare_demo sft; fi
+CONFIG=${CONFIG:-configs/sft.yaml}
 MODEL_PATH=${MODEL_PATH:-openbmb/MiniCPM-2B-sft-bf16}
 DATA_DIR=${DATA_DIR:-data/advertisegen_chat}
 OUTPUT_DIR=${OUTPUT_DIR:-output/sft/$(date +%Y%m%d-%H%M%S)}
@@ -16,10 +21,11 @@ HOSTFILE=${HOSTFILE:-}                  # "host slots=N" per line, for several n
 MASTER_ADDR=${MASTER_ADDR:-}            # first node's address (multi-node)
 MASTER_PORT=${MASTER_PORT:-29500}
 DS_CONFIG=${DS_CONFIG:-configs/ds_config_zero3.json}
-MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-512}
+MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-}  # default: the config's
 LAUNCHER_ARGS=${LAUNCHER_ARGS:-}        # more deepspeed launcher flags, e.g. "--no_ssh --node_rank 1"
 [[ "$NUM_GPUS" -ge 1 ]] 2>/dev/null || NUM_GPUS=1
 
+[[ -f "$CONFIG" ]] || die "CONFIG $CONFIG: file not found"
 check_model_path "$MODEL_PATH"
 find_data_files "$DATA_DIR"
 [[ -f "$DS_CONFIG" ]] || die "DS_CONFIG $DS_CONFIG: file not found"
@@ -29,20 +35,15 @@ if [[ -n "$HOSTFILE" ]]; then
 else
   launcher=(deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT")
 fi
-echo "Full fine-tuning $MODEL_PATH on $DATA_DIR with $DS_CONFIG -> $OUTPUT_DIR"
+echo "Full fine-tuning $MODEL_PATH on $DATA_DIR with $CONFIG and $DS_CONFIG -> $OUTPUT_DIR"
 
 # shellcheck disable=SC2086  # LAUNCHER_ARGS is a list of flags
-"${launcher[@]}" $LAUNCHER_ARGS finetune.py \
+"${launcher[@]}" $LAUNCHER_ARGS finetune.py "$CONFIG" \
   --deepspeed "$DS_CONFIG" \
   --model_name_or_path "$MODEL_PATH" \
   --train_data_path "$TRAIN_FILE" --eval_data_path "$EVAL_FILE" ${TEST_FILE:+--test_data_path "$TEST_FILE"} \
   --output_dir "$OUTPUT_DIR" \
-  --model_max_length "$MODEL_MAX_LENGTH" \
-  --per_device_train_batch_size 4 --per_device_eval_batch_size 4 --gradient_accumulation_steps 1 \
-  --learning_rate 1e-5 --weight_decay 0.1 --warmup_steps 20 --lr_scheduler_type cosine \
-  --num_train_epochs 1 \
-  --eval_strategy steps --eval_steps 200 --save_strategy steps --save_steps 200 --save_total_limit 3 \
-  --logging_steps 10 \
+  ${MODEL_MAX_LENGTH:+--model_max_length "$MODEL_MAX_LENGTH"} \
   $(device_args) \
   "$@"
 echo "done: $OUTPUT_DIR"

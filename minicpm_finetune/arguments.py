@@ -1,14 +1,17 @@
 """Command-line arguments: model, data and training (every transformers.TrainingArguments flag works).
 
+The first argument may be a YAML or JSON config file of flag names and values (``python finetune.py
+configs/lora.yaml --learning_rate 1e-4``): its values come first and the flags after it override them.
 Impossible combinations are rejected here, in one line, before any model is loaded.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import transformers
 
@@ -78,6 +81,10 @@ class TrainingArguments(transformers.TrainingArguments):
         "help": "torch.compile each decoder layer in place (regional compilation): fuses the norms, rotary, "
                 "SwiGLU and residual scalings; the first training steps are slower while it compiles, and "
                 "evaluation and generation run eager"})
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "stop training when --metric_for_best_model (loss, rouge-1, rouge-2, rouge-l or bleu-4) has not "
+                "improved for N evaluations in a row; needs --load_best_model_at_end, which keeps and loads the "
+                "best checkpoint"})
     # What generated replies are scored by; accuracy suits label tasks (classification), ROUGE/BLEU free text.
     eval_metrics: str = field(default="rouge,bleu", metadata={
         "help": "comma-separated generation metrics: rouge (ROUGE-1/2/L), bleu (BLEU-4), accuracy (exact match "
@@ -143,6 +150,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise ArgumentError(f"--eval_metrics: {e}") from None
     if training_args.stage == "dpo":
         check_dpo(data_args, training_args)
+    check_best_model_metric(training_args)
     try:  # "true"/"latest" becomes the newest complete checkpoint-N in --output_dir
         training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint,
                                                               training_args.output_dir)
@@ -174,6 +182,29 @@ def check_qlora(training_args) -> None:
     if on_cpu and Version(installed) < Version("0.50"):
         raise ArgumentError(f"--qlora on the CPU needs bitsandbytes >= 0.50 (installed: {installed}); "
                             "upgrade it, use a CUDA GPU, or train with --use_lora")
+
+
+def check_best_model_metric(training_args) -> None:
+    """--metric_for_best_model must be a metric evaluation logs, and --early_stopping_patience needs the best
+    model kept: say so before anything is loaded (else a KeyError or a silent no-op at the first evaluation)."""
+    from .metrics import metric_keys, parse_metric_names
+
+    patience = training_args.early_stopping_patience
+    if patience is not None and (patience < 1 or not training_args.load_best_model_at_end):
+        raise ArgumentError(f"--early_stopping_patience {patience} needs a positive N and --load_best_model_at_end "
+                            "(with --eval_strategy and --save_strategy both steps or epoch; "
+                            "--metric_for_best_model defaults to loss)")
+    metric = training_args.metric_for_best_model
+    if metric is None or training_args.stage == "dpo":  # DPO's evaluation logs TRL's own metrics
+        return
+    scored = metric_keys(parse_metric_names(training_args.eval_metrics))
+    name = metric.removeprefix("eval_")
+    if name != "loss" and name not in scored:
+        raise ArgumentError(f"--metric_for_best_model {metric}: evaluation logs loss, {', '.join(scored)} "
+                            f"(--eval_metrics {training_args.eval_metrics})")
+    if name != "loss" and not training_args.eval_generation:
+        raise ArgumentError(f"--metric_for_best_model {metric} is scored on generated replies: "
+                            "not with --eval_generation false")
 
 
 def check_compile_layers(training_args) -> None:
@@ -209,14 +240,67 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") != 1
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML or JSON config file: a mapping of flag names (without "--") to values."""
+    if not os.path.isfile(path):
+        raise ArgumentError(f"{path}: config file not found")
+    import yaml
+
+    kind = "JSON" if path.endswith(".json") else "YAML"
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f) if kind == "JSON" else yaml.safe_load(f)
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ArgumentError(f"{path}: not valid {kind} ({' '.join(str(e).split())})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ArgumentError(f"{path}: expected a mapping of flag names to values, got {type(values).__name__}")
+    return values
+
+
+def config_file_argv(path: str, parser) -> list[str]:
+    """The config file as command-line flags, to be placed before the real ones (the last value of a flag
+    wins in argparse, so flags after the file override it). Unknown keys are one error naming the file."""
+    known = {f.name for dataclass_type in parser.dataclass_types for f in fields(dataclass_type) if f.init}
+    takes_list = {action.dest for action in parser._actions if action.nargs in ("+", "*")}
+    argv = []
+    for key, value in read_config_file(path).items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            raise ArgumentError(f"{path}: unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        if value is None:  # "key: null" leaves the default
+            continue
+        if isinstance(value, list) and key not in takes_list:
+            raise ArgumentError(f"{path}: {key} takes one value, not a list (write it as on the command line, "
+                                "e.g. lora_target_modules: q_proj,v_proj)")
+        if isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, list):
+            argv += [f"--{key}", *map(str, value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
 def parse_args(argv=None):
     """Parse the command line into (model, data, training) arguments and check them.
 
+    A first argument ending in .yaml/.yml/.json is a config file (see the module docstring).
     The DeepSpeed config path is checked before TrainingArguments reads it, so a typo is one line.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = transformers.HfArgumentParser(
+        (ModelArguments, DataArguments, TrainingArguments),
+        usage="python finetune.py [CONFIG.yaml|CONFIG.json] [--flag value ...]  (flags after a config file override it)")
+    at = 1 if argv and argv[0].startswith("--local_rank=") else 0  # the DeepSpeed launcher puts it first
+    if len(argv) > at and argv[at].endswith(CONFIG_SUFFIXES) and not argv[at].startswith("-"):
+        argv = argv[:at] + config_file_argv(argv[at], parser) + argv[at + 1:]
     if "--deepspeed" in argv:
-        index = argv.index("--deepspeed") + 1
+        index = len(argv) - argv[::-1].index("--deepspeed")  # the last one given wins
         if index < len(argv) and not argv[index].startswith("{"):
             if not os.path.isfile(argv[index]):
                 raise ArgumentError(f"--deepspeed {argv[index]}: config file not found")
@@ -225,7 +309,6 @@ def parse_args(argv=None):
                     json.load(f)
             except ValueError as e:
                 raise ArgumentError(f"--deepspeed {argv[index]}: not valid JSON ({e})") from None
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # TrainingArguments' own checks (bf16 support, fp16 with bf16, ...)

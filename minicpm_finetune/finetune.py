@@ -2,6 +2,7 @@
 
     python finetune.py --model_name_or_path PATH --train_data_path train.jsonl --eval_data_path dev.jsonl \
         --output_dir OUT [--use_lora] [--deepspeed configs/ds_config_zero3.json] [any TrainingArguments flag]
+    python finetune.py configs/lora.yaml --model_name_or_path PATH ...   (a config file first; flags override it)
 
 `--stage dpo` tunes the model on preference pairs (prompt, chosen, rejected) instead: train_preferences.
 
@@ -12,7 +13,7 @@ import os
 import sys
 
 import torch
-from transformers import DataCollatorForSeq2Seq, set_seed
+from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, set_seed
 
 from minicpm_finetune.arguments import ArgumentError, parse_args
 from minicpm_finetune.curves import plot_training_curves
@@ -116,12 +117,17 @@ def main(argv=None):
                                metrics=parse_metric_names(training_args.eval_metrics), **generation_kwargs(
             training_args.generation_num_beams, training_args.do_sample, training_args.temperature,
             training_args.top_p)),
-        callbacks=[ProcessReport()],
+        callbacks=[ProcessReport()] + ([EarlyStoppingCallback(training_args.early_stopping_patience)]
+                                       if training_args.early_stopping_patience else []),
     )
     try:  # resume_from_checkpoint: a complete checkpoint folder (arguments.py resolves "true"/"latest")
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     except NonFiniteLossError as e:
         fail(str(e))
+    if training_args.load_best_model_at_end and trainer.state.best_model_checkpoint and trainer.is_world_process_zero():
+        print(f"best eval_{training_args.metric_for_best_model.removeprefix('eval_')} {trainer.state.best_metric:.4g} "
+              f"at {trainer.state.best_model_checkpoint} (loaded; training stopped at step {trainer.state.global_step})")
+    trainer.remove_callback(EarlyStoppingCallback)  # the test evaluation below has no eval_ metric to watch
     trainer.save_model()  # LoRA: the adapter; full: the whole model (gathered under ZeRO-3); both + tokenizer
     trainer.save_state()
 

@@ -27,6 +27,13 @@ def parse_metric_names(text: str) -> tuple[str, ...]:
     return names
 
 
+def metric_keys(metrics=DEFAULT_METRICS) -> tuple[str, ...]:
+    """The keys ``compute_metrics`` returns for ``metrics`` (names of METRIC_NAMES), e.g. ("rouge-1", ...)."""
+    metrics = parse_metric_names(",".join(metrics))
+    keys = tuple(key for key in METRIC_KEYS if ("bleu" if key == "bleu-4" else "rouge") in metrics)
+    return keys + (("accuracy",) if "accuracy" in metrics else ())
+
+
 def normalise_label(text: str) -> str:
     """NFKC (full-width letters and digits to ASCII), case folded, inner whitespace runs as one space,
     surrounding whitespace and trailing punctuation removed."""
@@ -109,7 +116,7 @@ def compute_metrics(predictions: list[str], references: list[str], metrics=DEFAU
             f"got {len(predictions)} predictions and {len(references)} references"
         )
     metrics = parse_metric_names(",".join(metrics))
-    keys = [key for key in METRIC_KEYS if ("bleu" if key == "bleu-4" else "rouge") in metrics]
+    keys = [key for key in metric_keys(metrics) if key != "accuracy"]
     result = {}
     if keys:  # segmenting is the slow part: only when ROUGE or BLEU is asked for
         totals = dict.fromkeys(METRIC_KEYS, 0.0)

@@ -1,10 +1,19 @@
-"""A tiny random MiniCPM and a SentencePiece tokenizer trained on the fly, for tests and the CPU demo.
+"""A tiny MiniCPM and a SentencePiece tokenizer trained on the fly, for tests and the CPU demo.
 
     python -m minicpm_finetune.tiny --output_dir DIR [--data FILE ...] [--chat_template minicpm|chatml]
+        [--pretrain_steps N]
 
 The model has MiniCPM's architecture and non-trivial muP scalings; the tokenizer is a byte-fallback
 SentencePiece BPE model loaded as transformers' LlamaTokenizer, as MiniCPM-2B's is, with the chat
 template saved in its config. The folder loads with ``--model_name_or_path DIR``.
+
+A random model is a poor stand-in for a real one under LoRA: its embeddings and tied head stay frozen,
+and with hidden size 64 their logits are capped near std * dim_model_base (about 1.6 at the tests'
+init), so the loss cannot fall far. The command line therefore "pretrains" by default: a wider logit
+range (dim_model_base 32, init std 0.25: cap about 8) and a few hundred full-parameter steps of plain
+language modelling on the tokenizer's texts, each string on its own (attribute lists and ads never
+paired, no chat template), so the model knows the words before it learns the task, as a real one does.
+The tests' fixtures keep the random model (``pretrain_steps=0``: fast, and their exact checks need none).
 """
 
 from __future__ import annotations
@@ -118,8 +127,43 @@ def tiny_config(vocab_size: int, bos_token_id: int = 1, eos_token_id: int = 2, *
     return MiniCPMConfig(**settings)
 
 
-def build_tiny(output_dir: str, data_files=(), chat_template: str = "minicpm", seed: int = 0, **config_overrides) -> str:
-    """Write a tiny random MiniCPM and its tokenizer to ``output_dir`` (atomically) and return the path."""
+# Init for a pretrained tiny model: logits can reach about std * dim_model_base = 8 (random init: 1.6).
+PRETRAIN_CONFIG = dict(dim_model_base=32, initializer_range=0.25)
+
+
+def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int = 0, batch_size: int = 16,
+             learning_rate: float = 3e-3, log=print) -> float:
+    """Full-parameter language modelling on ``texts``, one string per row (BOS text EOS); returns the last loss."""
+    import random
+
+    import torch
+
+    rows = sorted(set(texts))
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    warmup = min(20, steps)  # then linear decay to 0
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * (1 - step / steps))
+    model.train()
+    for step in range(steps):
+        batch = tokenizer([rng.choice(rows) + tokenizer.eos_token for _ in range(batch_size)], return_tensors="pt",
+                          padding=True, truncation=True, max_length=128, add_special_tokens=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if step == 0 or (step + 1) % 100 == 0 or step + 1 == steps:
+            log(f"pretraining step {step + 1}/{steps}: loss {loss.item():.3f}")
+    model.eval()
+    return loss.item()
+
+
+def build_tiny(output_dir: str, data_files=(), chat_template: str = "minicpm", seed: int = 0, pretrain_steps: int = 0,
+               **config_overrides) -> str:
+    """Write a tiny MiniCPM and its tokenizer to ``output_dir`` (atomically) and return the path: random, or
+    with ``pretrain_steps`` > 0 pretrained on the tokenizer's texts (see the module docstring)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -130,9 +174,13 @@ def build_tiny(output_dir: str, data_files=(), chat_template: str = "minicpm", s
     try:
         tokenizer = build_tokenizer(staging, texts, chat_template)
         torch.manual_seed(seed)
+        if pretrain_steps:
+            config_overrides = {**PRETRAIN_CONFIG, **config_overrides}
         config = tiny_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, **config_overrides)
         model = AutoModelForCausalLM.from_config(config)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if pretrain_steps:
+            pretrain(model, tokenizer, BASE_CORPUS + texts, pretrain_steps, seed)
         model.save_pretrained(staging)
         if os.path.exists(output_dir):
             shutil.rmtree(output_dir)
@@ -149,15 +197,19 @@ def main(argv=None) -> int:
     parser.add_argument("--data", nargs="*", default=[], help="data files whose text trains the tokenizer")
     parser.add_argument("--chat_template", choices=["minicpm", "chatml"], default="minicpm")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain_steps", type=int, default=300,
+                        help="language-modelling steps on the tokenizer's texts so the model learns like a real one "
+                             "(0: a random model)")
     args = parser.parse_args(argv)
     from .data import DataError
 
     try:
-        build_tiny(args.output_dir, args.data, args.chat_template, args.seed)
+        build_tiny(args.output_dir, args.data, args.chat_template, args.seed, args.pretrain_steps)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote a tiny MiniCPM and tokenizer to {args.output_dir}")
+    kind = f"pretrained ({args.pretrain_steps} steps)" if args.pretrain_steps else "random"
+    print(f"wrote a tiny {kind} MiniCPM and tokenizer to {args.output_dir}")
     return 0
 
 

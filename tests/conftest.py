@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 
 import pytest
@@ -64,3 +65,10 @@ def run(args, cwd=ROOT, env=None, timeout=600):
     """Run a command; return the CompletedProcess (text)."""
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port():
+    """A TCP port free right now, for a DeepSpeed / torch.distributed rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

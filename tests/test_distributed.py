@@ -4,26 +4,19 @@ LoRA under ZeRO-3, and two simulated nodes. Four launches in all; each asserts e
 
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, run
+from conftest import ROOT, free_port, run
 
 pytestmark = pytest.mark.skipif(not __import__("shutil").which("deepspeed"), reason="deepspeed launcher not installed")
 
 # lr high enough, no warm-up: two steps change the logits visibly.
 TRAIN_ARGS = ["--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1",
               "--learning_rate", "1e-3", "--warmup_steps", "0", "--report_to", "none", "--disable_tqdm", "true"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def logits(model_dir, tokenizer_dir=None, adapter=None):
@@ -75,6 +68,10 @@ def test_full_fine_tuning_two_processes_through_sft_script(tmp_path, tiny_model,
     assert_both_processes_trained(log)
     assert os.path.isfile(out / "checkpoint-2" / "trainer_state.json")
     assert_trained_model_saved(out, tiny_model)
+    # The recipe comes from configs/sft.yaml (weight decay, schedule); the script's arguments override it.
+    args = torch.load(out / "training_args.bin", weights_only=False)
+    assert (args.weight_decay, args.lr_scheduler_type, args.save_total_limit) == (0.1, "cosine", 3)
+    assert (args.learning_rate, args.max_steps, args.warmup_steps) == (1e-3, 2, 0)
 
 
 def test_lora_under_zero3_saves_the_trained_adapter(tmp_path, tiny_model, data_dir):

@@ -386,6 +386,12 @@ IMPOSSIBLE = [
     ("resume latest, none", ["--resume_from_checkpoint", "true", "--output_dir", "{tmp}/empty"],
      "no complete checkpoint-N folder"),
     ("model folder missing", ["--model_name_or_path", "{tmp}/no_model"], "no_model: folder not found"),
+    ("early stopping without best model", ["--early_stopping_patience", "2", "--eval_strategy", "steps"],
+     "--early_stopping_patience 2 needs a positive N and --load_best_model_at_end"),
+    ("best-model metric never logged", ["--metric_for_best_model", "accuracy"],
+     "--metric_for_best_model accuracy: evaluation logs loss, rouge-1, rouge-2, rouge-l, bleu-4"),
+    ("ROUGE as best-model metric without generation", ["--metric_for_best_model", "rouge-l", "--eval_generation",
+                                                       "false"], "scored on generated replies"),
 ]
 
 
@@ -410,6 +416,33 @@ def test_impossible_arguments_are_one_line_before_loading(tmp_path, data_dir, ma
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+BAD_CONFIGS = [
+    ("unknown key", "bad.yaml", "use_lora: true\nlerning_rate: 1.0e-4\n",
+     "bad.yaml: unknown key 'lerning_rate' (did you mean 'learning_rate'?)"),
+    ("not YAML", "bad.yaml", "use_lora: [true\n", "bad.yaml: not valid YAML ("),
+    ("not JSON", "bad.json", '{"use_lora": true,}', "bad.json: not valid JSON ("),
+    ("not a mapping", "bad.json", '["--use_lora"]', "bad.json: expected a mapping of flag names to values, got list"),
+    ("list for a single value", "bad.yaml", "lora_target_modules: [q_proj, v_proj]\n",
+     "bad.yaml: lora_target_modules takes one value, not a list"),
+    ("missing", "nowhere.yaml", None, "nowhere.yaml: config file not found"),
+]
+
+
+@pytest.mark.parametrize("case, name, text, message", BAD_CONFIGS, ids=[c[0].replace(" ", "_") for c in BAD_CONFIGS])
+def test_bad_config_file_is_one_line_before_loading(tmp_path, data_dir, main_without_model, capsys,
+                                                    case, name, text, message):
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    argv = [str(tmp_path / name), "--train_data_path", str(data_dir / "train.jsonl"),
+            "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        main_without_model(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}/{message}"), err
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_deepspeed_configs_use_dynamic_fp16_loss_scaling():

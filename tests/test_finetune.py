@@ -58,17 +58,17 @@ def test_training_learns_and_saved_output_loads_back(tmp_path, tiny_model, data_
     assert not torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tiny_model), tokenizer), expected, atol=1e-3)
 
 
-def test_lora_with_gradient_checkpointing_and_all_linear(tmp_path, tiny_model, data_dir):
+def test_lora_with_activation_checkpointing_and_all_linear(tmp_path, tiny_model, data_dir):
     output_dir = tmp_path / "gc"
     trainer = train(tiny_model, data_dir, output_dir, "--use_lora", "--learning_rate", "2e-2",
-                    "--gradient_checkpointing", "--lora_target_modules", "all-linear", "--lora_r", "4")
+                    "--activation_checkpointing", "--lora_target_modules", "all-linear", "--lora_r", "4")
     config = json.loads((output_dir / "adapter_config.json").read_text())
     targeted = {name.rsplit(".", 1)[-1] for name in config["target_modules"]}
     assert targeted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert config["r"] == 4 and config["lora_alpha"] == 32
     train_losses, _ = losses(output_dir)
     assert train_losses[-1] < 0.9 * train_losses[0]
-    assert trainer.model.base_model.model.is_gradient_checkpointing
+    assert trainer.model.base_model.model.is_activation_checkpointing
 
 
 def test_batches_are_padded_to_their_longest_sample(tiny_model, data_dir):
@@ -93,6 +93,34 @@ def test_lora_script_runs_on_cpu(tmp_path, tiny_model, data_dir):
     assert "no GPU found: training on the CPU" in result.stderr
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer_config.json", "checkpoint-3"):
         assert os.path.exists(output_dir / name), name
+    # The recipe comes from configs/lora.yaml; the script's extra arguments override it.
+    args = torch.load(output_dir / "training_args.bin", weights_only=False)
+    assert "with configs/lora.yaml" in result.stdout
+    assert (args.weight_decay, args.lr_scheduler_type, args.learning_rate) == (0.01, "cosine", 5e-4)
+    assert (args.max_steps, args.eval_steps, args.save_steps) == (3, 3, 3)
+
+
+@pytest.mark.parametrize("suffix", ["yaml", "json"])
+def test_config_file_values_apply_and_flags_after_it_win(tmp_path, tiny_model, data_dir, suffix):
+    import yaml
+
+    from minicpm_finetune.arguments import parse_args
+
+    values = {"use_lora": True, "lora_r": 4, "learning_rate": 0.0123, "lr_scheduler_type": "cosine", "max_steps": 7,
+              "report_to": "none", "eval_generation": False, "lr_scheduler_kwargs": {"num_cycles": 0.25},
+              "lora_target_modules": None}
+    config = tmp_path / f"run.{suffix}"
+    config.write_text(yaml.safe_dump(values) if suffix == "yaml" else json.dumps(values))
+    paths = ["--model_name_or_path", tiny_model, "--train_data_path", str(data_dir / "train.jsonl"),
+             "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out")]
+    model_args, _, args = parse_args([str(config), *paths, "--lora_r", "16", "--max_steps", "3"])
+    assert (model_args.lora_r, args.max_steps) == (16, 3)  # the flags after the file win
+    assert model_args.use_lora and model_args.lora_target_modules is None and not args.eval_generation
+    assert (args.learning_rate, args.lr_scheduler_type, args.report_to) == (0.0123, "cosine", [])
+    assert args.lr_scheduler_kwargs == {"num_cycles": 0.25}
+    # Under the DeepSpeed launcher, --local_rank=N comes before the file.
+    model_args, _, args = parse_args(["--local_rank=0", str(config), *paths])
+    assert (model_args.lora_r, args.max_steps, args.learning_rate) == (4, 7, 0.0123)
 
 
 @pytest.mark.parametrize("script, env, message", [
@@ -100,6 +128,8 @@ def test_lora_script_runs_on_cpu(tmp_path, tiny_model, data_dir):
     ("lora_finetune.sh", {"DATA_DIR": "/no/such/dir"}, "DATA_DIR /no/such/dir: folder not found"),
     ("sft_finetune.sh", {"DS_CONFIG": "configs/nope.json"}, "DS_CONFIG configs/nope.json: file not found"),
     ("sft_finetune.sh", {"HOSTFILE": "/no/hostfile"}, "HOSTFILE /no/hostfile: file not found"),
+    ("lora_finetune.sh", {"CONFIG": "configs/nope.yaml"}, "CONFIG configs/nope.yaml: file not found"),
+    ("sft_finetune.sh", {"CONFIG": "configs/nope.yaml"}, "CONFIG configs/nope.yaml: file not found"),
 ])
 def test_scripts_fail_fast_with_one_line(tmp_path, tiny_model, data_dir, script, env, message):
     base = {"MODEL_PATH": tiny_model, "DATA_DIR": str(data_dir), "OUTPUT_DIR": str(tmp_path / "out")}
@@ -120,3 +150,54 @@ def test_missing_dev_file_is_named(tmp_path, tiny_model, data_dir):
 def test_device_cpu_forces_the_cpu_even_with_a_gpu():
     result = run(["bash", "-c", "source scripts/common.sh; DEVICE=cpu device_args"])
     assert result.stdout.strip() == "--use_cpu" and "DEVICE=cpu: training on the CPU" in result.stderr
+
+
+@pytest.mark.parametrize("metric", ["loss", "rouge-l"])
+def test_early_stopping_stops_and_keeps_the_best_checkpoint(tmp_path, tiny_model, data_dir, metric):
+    """Validation answers are the training ones reversed: validation scores improve while the format and words
+    are learned, then worsen as the training answers are memorised; training stops after 2 evaluations without
+    a new best, and the saved model is the best checkpoint's."""
+    from conftest import conversation, write_jsonl
+    from safetensors.torch import load_file
+
+    reversed_answers = write_jsonl(tmp_path / "dev.jsonl", [conversation(q, a[::-1]) for q, a in QA])
+    output_dir = tmp_path / "out"
+    trainer = train(tiny_model, data_dir, output_dir, "--learning_rate", "1e-2", "--max_steps", "80",
+                    "--eval_data_path", reversed_answers, "--test_data_path", reversed_answers, "--eval_steps", "4",
+                    "--save_strategy", "steps", "--save_steps", "4", "--load_best_model_at_end",
+                    "--metric_for_best_model", metric, "--early_stopping_patience", "2")
+    state = trainer.state
+    with open(output_dir / "trainer_state.json") as f:
+        scores = [e[f"eval_{metric}"] for e in json.load(f)["log_history"] if f"eval_{metric}" in e]
+    best = (min if metric == "loss" else max)(scores)
+    assert state.global_step < 80 and len(scores) == state.global_step // 4  # stopped early
+    assert scores.index(best) == len(scores) - 3  # the (first) best, then two that are not better
+    assert state.best_metric == best and state.best_model_checkpoint == str(output_dir / f"checkpoint-{4 * (len(scores) - 2)}")
+    saved, kept = load_file(output_dir / "model.safetensors"), load_file(os.path.join(state.best_model_checkpoint, "model.safetensors"))
+    assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
+    test_metrics = json.loads((output_dir / "test_metrics.json").read_text())
+    assert abs(test_metrics[f"test_{metric}"] - best) < 1e-4  # the final evaluation ran on the best model
+
+
+def test_docs_scripts_configs_and_notebook_use_no_deprecated_flag():
+    """transformers marks deprecated TrainingArguments flags in their help (e.g. --gradient_checkpointing, now
+    --activation_checkpointing); none may appear where users copy flags from."""
+    import dataclasses
+    import glob
+    import re
+
+    import nbformat
+
+    from minicpm_finetune.arguments import TrainingArguments
+
+    deprecated = {f.name for f in dataclasses.fields(TrainingArguments)
+                  if re.search(r"\bdeprecated alias\b|will be removed", str(f.metadata.get("help", "")), re.I)}
+    assert "gradient_checkpointing" in deprecated  # the check sees transformers' marks
+    texts = {path: open(os.path.join(ROOT, path), encoding="utf-8").read()
+             for path in ["README.md", "docs/faults.md", "bench/README.md", "lora_finetune.sh", "sft_finetune.sh",
+                          "scripts/common.sh", *[os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/configs/*.yaml")]]}
+    notebook = nbformat.read(os.path.join(ROOT, "lora_finetune.ipynb"), as_version=4)
+    texts["lora_finetune.ipynb"] = "\n".join(cell.source for cell in notebook.cells)
+    used = {(path, name) for path, text in texts.items()
+            for name in re.findall(r"--(\w+)", text) + re.findall(r"^(\w+):", text, re.M) + re.findall(r'"(\w+)": ', text)}
+    assert not {(path, name) for path, name in used if name in deprecated}

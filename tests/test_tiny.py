@@ -26,3 +26,25 @@ def test_tiny_cli_reports_bad_data_in_one_line(tmp_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
         assert not os.path.exists(tmp_path / "out")
+
+
+def test_pretrained_tiny_model_knows_its_texts_and_has_a_wider_logit_range(tmp_path, data_dir, tiny_model):
+    """--pretrain_steps: the texts' language-modelling loss falls well below the random model's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from minicpm_finetune.tiny import PRETRAIN_CONFIG, build_tiny
+
+    pretrained = build_tiny(str(tmp_path / "pretrained"), [str(data_dir / "train.jsonl")], pretrain_steps=60)
+    assert {k: getattr(AutoConfig.from_pretrained(pretrained), k) for k in PRETRAIN_CONFIG} == PRETRAIN_CONFIG
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    batch = tokenizer([text + tokenizer.eos_token for text in ("你好，有什么可以帮你的吗？", "Two plus two is four.")],
+                      return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def loss(path):
+        with torch.no_grad():
+            return AutoModelForCausalLM.from_pretrained(path)(**batch, labels=labels).loss.item()
+
+    assert AutoTokenizer.from_pretrained(tiny_model).get_vocab() == tokenizer.get_vocab()  # same tokenizer
+    assert loss(pretrained) < 0.5 * loss(tiny_model)
