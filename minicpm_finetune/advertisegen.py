@@ -89,7 +89,9 @@ def _read_raw(path: str) -> list[tuple[str, object, str | None]]:
         return [(f"{path}: record {i}", v, None) for i, v in enumerate(values, 1)]
 
     entries = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # Split on "\n" only: str.splitlines() also breaks at U+2028/U+2029 and other separators that are
+    # valid raw inside JSON strings.
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue  # blank lines (e.g. a trailing one) carry no record
         try:

@@ -46,12 +46,15 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    train_data_path: str | None = field(default=None, metadata={"help": "training data (JSON or JSON Lines)"})
+    train_data_path: str | None = field(default=None, metadata={
+        "help": "training data: JSON / JSON Lines / Parquet file, datasets.save_to_disk folder or hub dataset name"})
     eval_data_path: str | None = field(default=None, metadata={"help": "validation data (required)"})
     test_data_path: str | None = field(default=None, metadata={"help": "test data, evaluated after training"})
-    data_format: str = field(default="auto", metadata={"help": "auto, conversation or input_output",
+    data_format: str = field(default="auto", metadata={"help": "record format (default: detected per file)",
                                                        "choices": list(FORMATS)})
     skip_bad_samples: bool = field(default=False, metadata={"help": "drop bad records instead of stopping"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={
+        "help": "processes that tokenize the data (default: one; the tokenizer itself uses every core)"})
 
 
 @dataclass
@@ -117,7 +120,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
             raise ArgumentError(f"--{name} is required")
     for name in ("train_data_path", "eval_data_path", "test_data_path"):
         path = getattr(data_args, name)
-        if path and not os.path.isfile(path):
+        if path and not os.path.exists(path) and looks_local(path.split(":")[0]):  # else a hub dataset name
             raise ArgumentError(f"--{name} {path}: file not found")
     if model_args.qlora:
         check_qlora(training_args)
@@ -134,6 +137,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
                             "merge it first (python -m minicpm_finetune.export merge) or give its base model")
     if model_args.use_lora and model_args.lora_r <= 0:
         raise ArgumentError(f"--lora_r must be positive, got {model_args.lora_r}")
+    if data_args.preprocessing_num_workers is not None and data_args.preprocessing_num_workers <= 0:
+        raise ArgumentError(f"--preprocessing_num_workers must be positive, got {data_args.preprocessing_num_workers}")
     if training_args.model_max_length <= 0:
         raise ArgumentError(f"--model_max_length must be positive, got {training_args.model_max_length}")
     if training_args.eval_num_samples is not None and training_args.eval_num_samples <= 0:

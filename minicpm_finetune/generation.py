@@ -26,18 +26,32 @@ from .metrics import DEFAULT_METRICS, compute_metrics
 from .templates import end_of_turn_token
 
 
+class Prompt(list):
+    """A prompt's messages that carry the conversation's tool list (``tools``) along."""
+
+    def __init__(self, messages=(), tools=None):
+        super().__init__(messages)
+        self.tools = tools
+
+
 def eval_samples(conversations, every_turn: bool = False) -> list[tuple[list[dict], str]]:
     """(prompt messages, reference) pairs: the conversation up to its last assistant turn and that reply,
-    or, with ``every_turn``, one pair per assistant turn.
+    or, with ``every_turn``, one pair per assistant turn. A conversation with tools gives ``Prompt``s
+    that carry them.
 
-    ``conversations`` holds message lists or ``{"messages": [...]}`` records (a ``datasets.Dataset`` works).
+    ``conversations`` holds message lists, ``{"messages": [...]}`` records or rows of
+    ``data.load_conversations`` (a ``datasets.Dataset`` works).
     """
+    from .data import example_of
+
     samples = []
     for conversation in conversations:
-        messages = conversation["messages"] if isinstance(conversation, dict) else conversation
+        example = example_of(conversation)
+        messages, tools = example["messages"], example.get("tools")
         replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         for i in replies if every_turn else replies[-1:]:
-            samples.append((list(messages[:i]), messages[i]["content"]))
+            prompt = Prompt(messages[:i], tools) if tools else list(messages[:i])
+            samples.append((prompt, messages[i]["content"]))
     return samples
 
 
@@ -74,10 +88,12 @@ class PromptTooLong(ValueError):
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The ids ``generate_replies`` feeds for a prompt: rendered with the generation prompt; the text
-    carries bos itself, so it is tokenized as training does (data.encode), without special tokens."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """The ids ``generate_replies`` feeds for a prompt: rendered with the generation prompt and tokenized by
+    the encoder training uses (``encoding.ChatEncoder``: content that looks like a special token stays
+    text), so they equal the ids training saw before the reply."""
+    from .encoding import get_encoder
+
+    return get_encoder(tokenizer).prompt_ids(list(messages), getattr(messages, "tools", None))
 
 
 def prompt_length(tokenizer, messages: list[dict]) -> int:
@@ -93,7 +109,7 @@ def fit_prompt(tokenizer, messages: list[dict], max_length: int | None,
     raise ``PromptTooLong``. ``max_length`` None: no limit, the messages come back unchanged.
     """
     if max_length is None:
-        return list(messages), 0
+        return (Prompt(messages, messages.tools) if getattr(messages, "tools", None) else list(messages)), 0
     if max_new_tokens >= max_length:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt within {max_length} tokens")
     budget = max_length - max_new_tokens
@@ -103,6 +119,8 @@ def fit_prompt(tokenizer, messages: list[dict], max_length: int | None,
     # Each try renders the whole prompt again: templates need not be a sum of per-turn pieces.
     for dropped, start in enumerate(starts):
         candidate = system + turns[start if dropped else 0:]  # nothing dropped: all turns, as given
+        if getattr(messages, "tools", None):
+            candidate = Prompt(candidate, messages.tools)
         length = prompt_length(tokenizer, candidate)
         if length <= budget:
             return candidate, dropped

@@ -40,7 +40,10 @@ def parse_args(argv=None):
     parser.add_argument("--input_file", default=None, help="data file (JSON / JSON Lines, any supported format)")
     parser.add_argument("--output_file", default=None, help="predictions JSONL (with --input_file)")
     parser.add_argument("--metrics_file", default=None, help="metrics JSON (default: OUTPUT.metrics.json)")
-    parser.add_argument("--data_format", default="auto", choices=["auto", "conversation", "input_output"])
+    # Checked against the format registry (minicpm_finetune/formats.py) when the file is read: importing
+    # the package here would delay every one-line usage error by seconds.
+    parser.add_argument("--data_format", default="auto", help="record format of --input_file: a name from "
+                        "python -m minicpm_finetune.data --help (default: detected)")
     parser.add_argument("--every_turn", action="store_true", help="with --input_file: answer every assistant turn")
     parser.add_argument("--eval_metrics", default="rouge,bleu",
                         help="with references: comma list of rouge, bleu, accuracy (exact match, for label tasks)")
@@ -140,41 +143,28 @@ def load_model(args):
 
 def read_samples(path: str, data_format: str, every_turn: bool):
     """(prompt messages, reference) pairs from a data file, and the record number of each (for messages);
-    a file of prompts only, i.e. conversations ending with a user turn or input records without an
-    output, gives references None."""
-    from minicpm_finetune.data import DataError, check_file, read_records, load_conversations, to_messages
-    from minicpm_finetune.generation import eval_samples
+    a file of prompts only, i.e. records of a training format without their final reply, gives
+    references None."""
+    from minicpm_finetune.data import DataError, check_file, example_of, load_conversations
+    from minicpm_finetune.generation import Prompt, eval_samples
 
-    try:
-        check = check_file(path, data_format)
-        samples, numbers = [], []
-        # The dataset keeps the checked records' order, so check.records gives each one's number.
-        for (number, _), conversation in zip(check.records, load_conversations(path, data_format, check=check)):
-            pairs = eval_samples([conversation], every_turn)
-            samples += pairs
-            numbers += [number] * len(pairs)
-        return samples, numbers
-    except DataError as complete_error:
-        # Prompts only? Add a placeholder reply, check the record as training data, drop the placeholder.
-        samples, numbers = [], []
-        for number, record in read_records(path):
-            if not isinstance(record, dict):
-                raise complete_error
-            if "messages" in record and isinstance(record["messages"], list):
-                record = {"messages": record["messages"] + [{"role": "assistant", "content": "-"}]}
-            elif "prompt" in record and "response" not in record:
-                record = dict(record, response="-")
-            elif "output" not in record and ("input" in record or "instruction" in record):
-                record = dict(record, output="-")
-            else:
-                raise complete_error
-            try:
-                samples.append((to_messages(record, "conversation" if "messages" in record else "input_output")[:-1],
-                                None))
-                numbers.append(number)
-            except ValueError:
-                raise complete_error from None
-        return samples, numbers
+    check, prompts_only = check_file(path, data_format), False
+    if check.problem_count:  # prompts only? The same records completed with a placeholder reply must pass.
+        as_prompts = check_file(path, data_format, prompts=True)
+        if as_prompts.problem_count:
+            raise DataError(check.report())
+        check, prompts_only = as_prompts, True
+    samples, numbers = [], []
+    for row in load_conversations(path, data_format, check=check):
+        if prompts_only:
+            example = example_of(row)
+            tools = example.get("tools")
+            pairs = [(Prompt(example["messages"], tools) if tools else example["messages"], None)]
+        else:
+            pairs = eval_samples([row], every_turn)
+        samples += pairs
+        numbers += [row["position"]] * len(pairs)
+    return samples, numbers
 
 
 def too_long_text(what: str, error) -> str:

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minicpm_finetune.data import DataError, check_file, write_atomic  # noqa: E402
+from minicpm_finetune.data import DataError, check_file, example_of, write_atomic  # noqa: E402
 
 
 def make_pairs(conversations: list[list[dict]], rng: random.Random) -> list[dict]:
@@ -51,7 +51,9 @@ def main(argv=None) -> int:
         if check.problems:
             print(f"error: {check.report()}", file=sys.stderr)
             return 2
-        pairs = make_pairs([messages for _, messages in check.records[:args.max_records]], rng)
+        good = check.good()
+        pairs = make_pairs([example_of(row)["messages"] for row in good.select(range(min(args.max_records, len(good))))],
+                           rng)
         write_atomic(os.path.join(args.output_dir, f"{split}.jsonl"),
                      "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
         print(f"{split}: {len(pairs)} pairs -> {os.path.join(args.output_dir, split + '.jsonl')}")

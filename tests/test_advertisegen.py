@@ -253,3 +253,17 @@ def test_committed_sample_sizes_and_derivable_summaries():
 def test_committed_sample_converts(tmp_path):
     counts = convert_file(os.path.join(DATA_DIR, "test.jsonl"), str(tmp_path / "test.jsonl"))
     assert counts == {"converted": 100, "bad": 0}
+
+
+def test_unicode_line_separators_inside_strings_are_text(tmp_path):
+    """U+2028/U+2029 (and NEL, form feed) are valid raw inside JSON strings: the record stays whole and the
+    line numbers after it do not shift."""
+    odd = {"content": "类型#裙\u2028风格#文艺", "summary": "第一段\u2029第二段\x85\x0c完"}
+    src = tmp_path / "train.json"
+    src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in (odd, GOOD, {"content": "x"})) + "\n",
+                   encoding="utf-8")
+    with pytest.raises(AdvertiseGenDataError) as info:
+        convert_file(str(src), str(tmp_path / "out.jsonl"))
+    assert info.value.problems == [f'{src}:3: missing "summary"']
+    assert convert_file(str(src), str(tmp_path / "out.jsonl"), skip_bad=True) == {"converted": 2, "bad": 1}
+    assert read_jsonl(tmp_path / "out.jsonl")[0] == convert_record(odd)

@@ -39,3 +39,17 @@ def test_data_preparation_benchmark(tmp_path):
     timings = json.loads((tmp_path / "prep.json").read_text())
     assert timings["samples"] == 300 and timings["tokenize_num_proc_1_s"] > 0 and timings["pack_s"] > 0
     assert "pack into rows of 512" in result.stdout
+
+
+def test_data_benchmark_runs_preparation_and_bare_tokenizer_side_by_side(tmp_path):
+    result = run([sys.executable, os.path.join(ROOT, "bench", "bench_data.py"), "--samples", "300",
+                  "--preview_samples", "100", "200", "--json", str(tmp_path / "data.json")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    numbers = json.loads((tmp_path / "data.json").read_text())
+    assert numbers["samples"] == 300 and numbers["fast_path"] and len(numbers["bare_tokenizer_s"]) == 2
+    assert len(numbers["prepare_s"]) == 2
+    assert abs(numbers["ratio"] - sum(numbers["prepare_s"]) / sum(numbers["bare_tokenizer_s"])) < 1e-9
+    assert numbers["cpu_ratio"] > 0
+    assert 0 < numbers["cached_s"] < numbers["prepare_s"][0]  # the second run is served from the cache
+    assert [p["samples"] for p in numbers["preview"]] == [100, 200] and numbers["preview_peak_ratio"] > 0
+    assert "the bare call" in result.stdout and "peak RSS" in result.stdout

@@ -230,7 +230,7 @@ def test_samples_with_nothing_to_learn_are_skipped_and_counted(tokenizer):
     dataset, stats = tokenize_dataset(conversations, tokenizer, limit)
     assert len(dataset) == stats.samples == 2 and stats.skipped == 1 and stats.truncated == 2
     assert [learned_text(tokenizer, row["input_ids"], row["labels"]) for row in dataset] == [[QA[0][1] + "</s>"]] * 2
-    assert stats.lengths == [length(TWO_TURNS), length(long_reply), length(TWO_TURNS[1:3])]
+    assert list(stats.lengths) == [length(TWO_TURNS), length(long_reply), length(TWO_TURNS[1:3])]
     summary = stats.summary("train")
     assert "2 truncated, 1 skipped (nothing left to learn)" in summary
     assert f"/{max(stats.lengths)}" in summary  # the longest sample before truncation

@@ -302,3 +302,26 @@ def test_prompt_too_long_alone_is_refused_with_one_line(tiny_model):
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (f"error: --prompt is {length} tokens with the chat template; with --max_new_tokens "
                              f"{MAX_NEW} it exceeds --max_length 30\n")
+
+
+def test_file_mode_reads_every_registered_format_with_tools_carried_to_the_prompt(tmp_path):
+    """Samples come from the format registry: history kept in the prompt, the reference is the last reply,
+    a conversation's tool list travels with its prompt (generation renders it), an unknown format is named."""
+    sys.path.insert(0, ROOT)
+    from inference import read_samples
+
+    from minicpm_finetune.data import DataError
+    from minicpm_finetune.formats import FORMATS
+
+    for name, fmt in FORMATS.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(fmt.example, ensure_ascii=False) + "\n", encoding="utf-8")
+        samples, numbers = read_samples(str(path), "auto", every_turn=False)
+        (prompt, reference), = samples
+        assert numbers == [1] and reference == FORMATS[name].convert(fmt.example)["messages"][-1]["content"]
+        assert getattr(prompt, "tools", None) == FORMATS[name].convert(fmt.example)["tools"]
+        assert prompt[-1]["role"] in ("user", "tool")
+    alpaca = read_samples(str(tmp_path / "alpaca.jsonl"), "alpaca", every_turn=True)[0]
+    assert [reference for _, reference in alpaca] == ["红裙上新", "这款红色连衣裙……"]  # history replies too
+    with pytest.raises(DataError, match="unknown data format 'input_output'"):
+        read_samples(str(tmp_path / "alpaca.jsonl"), "input_output", every_turn=False)
