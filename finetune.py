@@ -12,6 +12,6 @@ import sys
 from minicpm_finetune import finetune
 
 if __name__ == "__main__":
-    finetune.main()
+    sys.exit(finetune.run())
 else:  # `import finetune` gives the package module itself (one module: patching it patches what runs)
     sys.modules[__name__] = finetune

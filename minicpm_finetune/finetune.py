@@ -231,9 +231,16 @@ def train_preferences(model_args, data_args, training_args, settings):
     return trainer
 
 
-if __name__ == "__main__":
+def run() -> int:
+    """The command: main(), with Ctrl-C while checking or loading as one line (during training, main says
+    what was kept). Used by `python finetune.py`, `python -m minicpm_finetune.finetune` and `minicpm-finetune`."""
     try:
         main()
-    except KeyboardInterrupt:  # while checking or loading (during training, main says what was kept)
+    except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C) before training started; nothing to resume", file=sys.stderr)
-        sys.exit(130)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())
