@@ -18,7 +18,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # MiniCPM-2B's shape (DESIGN.md); the vocabulary stays the small test tokenizer's.
 SHAPES = {

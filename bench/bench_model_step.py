@@ -9,11 +9,8 @@ batch of 8 x 512 tokens (chunked loss), then greedy generation of 64 tokens at b
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPES = {
     "tiny": dict(vocab_size=32000, hidden_size=256, intermediate_size=640, num_hidden_layers=4,

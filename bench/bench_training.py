@@ -44,11 +44,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from minicpm_finetune.data import IGNORE_INDEX
+from minicpm_finetune.packing import PackingCollator, pack_dataset
 
-from minicpm_finetune.data import IGNORE_INDEX  # noqa: E402
-from minicpm_finetune.packing import PackingCollator, pack_dataset  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODELS = {
     # A small MiniCPM for CPU runs: the vocabulary is large enough that the logits matter.

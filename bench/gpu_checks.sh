@@ -21,6 +21,7 @@ if [ -n "${WHEELS:-}" ]; then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the benchmark imports minicpm_finetune: this checkout's
 bench() { python3 bench/bench_training.py --device "$device" --model "$model" --steps "$steps" --warmup "$warmup" --rows "$rows" "$@"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null | tee "$out/gpu_machine.txt" || true

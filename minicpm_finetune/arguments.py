@@ -126,6 +126,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         check_qlora(training_args)
     if looks_local(model_args.model_name_or_path) and not os.path.isdir(model_args.model_name_or_path):
         raise ArgumentError(f"--model_name_or_path {model_args.model_name_or_path}: folder not found")
+    if os.path.isdir(model_args.model_name_or_path):  # adapters record their base: usable from any directory
+        model_args.model_name_or_path = os.path.abspath(model_args.model_name_or_path)
     if not model_args.use_lora:
         changed = [f"--{k}" for k, v in LORA_DEFAULTS.items() if getattr(model_args, k) != v]
         if changed:

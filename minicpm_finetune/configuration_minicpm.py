@@ -77,6 +77,17 @@ class MiniCPMConfig(PreTrainedConfig):
                 f"num_key_value_heads ({self.num_key_value_heads})."
             )
 
+    def to_dict(self):
+        """Also under the official field names, ``rope_theta`` and ``rope_scaling`` (None for plain RoPE),
+        which serving stacks and converters with native MiniCPM support read from config.json; loading
+        the result gives the same ``rope_parameters``."""
+        output = super().to_dict()
+        rope = dict(output.get("rope_parameters") or {})
+        if "rope_theta" in rope:
+            output["rope_theta"] = rope.pop("rope_theta")
+            output["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+        return output
+
     @property
     def residual_scale(self) -> float:
         """Factor applied to each attention / MLP output before it is added to the residual stream."""

@@ -28,6 +28,7 @@ from dataclasses import MISSING, fields, replace
 
 from trl import DPOConfig, DPOTrainer  # --stage dpo checks that TRL is installed before anything loads
 
+from .portable import PortableSaves
 from .preference import PreferenceCollator
 from .safety import NonFiniteLossGuard
 
@@ -55,7 +56,7 @@ def load_reference_model(model_args, training_args):
     return model.requires_grad_(False).eval()
 
 
-class PreferenceTrainer(NonFiniteLossGuard, DPOTrainer):
+class PreferenceTrainer(PortableSaves, NonFiniteLossGuard, DPOTrainer):
     """TRL's DPOTrainer on datasets from ``preference.tokenize_pairs``."""
 
     def __init__(self, *, model, args, train_dataset, eval_dataset, processing_class, ref_model=None, beta=0.1,

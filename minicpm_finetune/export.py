@@ -9,12 +9,16 @@ scale_depth/sqrt(num_layers), lm_head = (lm_head, or the embeddings when tied) /
 untied. The folding is done in fp32 and cast back to the model's dtype; in fp32 the Llama model gives
 the same logits as the MiniCPM one.
 
-``merge`` loads the base named by the adapter's ``base_model_name_or_path``, applies the adapter
-and merges it. The merge math runs in fp32 (the base is upcast, merged, then cast back), and the
-result is saved in the dtype of the base weights unless ``--dtype`` says otherwise; a bf16 base
-therefore gives a bf16 merged model, with one rounding of the merged weight rather than one per
-step. The tokenizer (and its chat template) comes from the adapter folder when it has one, else
+``merge`` loads the base named by the adapter's ``base_model_name_or_path`` (a folder, or a hub id
+through the hub's local cache), applies the adapter and merges it. The merge math runs in fp32 (the
+base is upcast, merged, then cast back), and the result is saved in the dtype of the base weights
+unless ``--dtype`` says otherwise; a bf16 base therefore gives a bf16 merged model, with one rounding
+of the merged weight rather than one per step. The tokenizer (and its chat template) comes from the adapter folder when it has one, else
 from the base.
+
+Every output keeps the tokenizer's own files (``tokenizer.model`` and its settings, see portable.py);
+a merged MiniCPM also carries its model code and an ``auto_map``, so it loads without this package
+(``trust_remote_code=True``).
 
 Both write to a temporary folder next to OUT and rename it at the end, so OUT is either complete
 or absent. Bad arguments print one ``error: ...`` line and exit with status 2.
@@ -31,16 +35,6 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT_LEARNING_TYPES = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT"}
-# The first three mark a folder as holding a tokenizer; the rest travel with them.
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 class ExportError(Exception):
@@ -104,20 +98,15 @@ def fold_into_llama(model):
     return llama.eval()
 
 
-def _save_tokenizer(sources: list[str], output_dir: str) -> None:
-    """Save the tokenizer of the first source folder that has one; copy its files if it won't load."""
-    from transformers import AutoTokenizer
+def _save_tokenizer(source: str, output_dir: str) -> None:
+    """The tokenizer files of ``source`` (a folder, or a hub id through the hub's cache) as they are, chat
+    template included: an output of finetune.py already holds the base's files and the template it was
+    trained with (portable.py), and a base's own template belongs to it."""
+    from .portable import copy_tokenizer, tokenizer_folder
 
-    for source in sources:
-        if not any(os.path.exists(os.path.join(source, name)) for name in TOKENIZER_FILES[:3]):
-            continue
-        try:
-            AutoTokenizer.from_pretrained(source).save_pretrained(output_dir)
-        except Exception:  # an unloadable tokenizer is still worth shipping as files
-            for name in TOKENIZER_FILES:
-                if os.path.exists(os.path.join(source, name)):
-                    shutil.copy2(os.path.join(source, name), output_dir)
-        return
+    folder = tokenizer_folder(source)
+    if folder is not None:
+        copy_tokenizer(folder, output_dir)
 
 
 def _write_atomically(output_dir: str, write) -> None:
@@ -160,9 +149,9 @@ def export_llama(model_dir: str, output_dir: str, dtype: str | None = None) -> N
     llama = fold_into_llama(model)
     del model
 
-    def write(tmp_dir):
+    def write(tmp_dir):  # Llama layout: transformers' own class, no model code to ship
         llama.save_pretrained(tmp_dir)
-        _save_tokenizer([model_dir], tmp_dir)
+        _save_tokenizer(model_dir, tmp_dir)
 
     _write_atomically(output_dir, write)
 
@@ -194,10 +183,10 @@ def _resolve_base(adapter_dir: str, base: str) -> str:
 
 
 def _copy_remote_code_or_drop_auto_map(model, base_dir: str, output_dir: str) -> None:
-    """Keep `auto_map` only when its code files can ship with the merged model; our native class
-    serves `model_type: minicpm` either way."""
+    """Keep `auto_map` only when its code files can ship with the merged model (a minicpm model ships
+    ours instead: outputs.ship_model_code)."""
     auto_map = getattr(model.config, "auto_map", None)
-    if not auto_map:
+    if not auto_map or model.config.model_type == "minicpm":
         return
     code_files = {ref.split("--")[-1].split(".")[0] + ".py" for ref in auto_map.values() if isinstance(ref, str)}
     if os.path.isdir(base_dir) and all(os.path.isfile(os.path.join(base_dir, name)) for name in code_files):
@@ -208,19 +197,31 @@ def _copy_remote_code_or_drop_auto_map(model, base_dir: str, output_dir: str) ->
 
 
 def merge_adapter(adapter_dir: str, output_dir: str, dtype: str | None = None) -> None:
-    """Merge the LoRA adapter in adapter_dir into its base model and save the standalone result."""
+    """Merge the LoRA adapter in adapter_dir into its base model and save the standalone result.
+
+    The base is the folder or hub id named in adapter_config.json; a hub id is loaded through the hub's
+    local cache (offline with HF_HUB_OFFLINE=1), else downloaded."""
     import minicpm_finetune  # noqa: F401  registers model_type "minicpm"
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from .arguments import looks_local
+    from .portable import has_tokenizer, ship_model_code
+
     adapter_config = _read_adapter_config(adapter_dir)
+    named_in = f"named in {adapter_dir}/adapter_config.json"
     base = _resolve_base(adapter_dir, adapter_config["base_model_name_or_path"])
-    if not os.path.isdir(base):
-        raise ExportError(f"base model folder not found: {base} (named in {adapter_dir}/adapter_config.json)")
-    _check_model_dir(base)
+    if looks_local(base):
+        if not os.path.isdir(base):
+            raise ExportError(f"base model folder not found: {base} ({named_in})")
+        _check_model_dir(base)
     _check_output_dir(output_dir)
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    except OSError as err:  # e.g. a hub id that is neither in the local cache nor reachable
+        raise ExportError(f"cannot load the base model {base} ({named_in}): "
+                          f"{str(err).strip().splitlines()[0]}") from None
     target_dtype = DTYPES[dtype] if dtype else model.dtype
     model = PeftModel.from_pretrained(model.float(), adapter_dir).merge_and_unload()
     model = model.to(target_dtype)
@@ -229,7 +230,9 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str | None = None) -
     def write(tmp_dir):
         _copy_remote_code_or_drop_auto_map(model, base, tmp_dir)
         model.save_pretrained(tmp_dir)
-        _save_tokenizer([adapter_dir, base], tmp_dir)
+        ship_model_code(tmp_dir)
+        # The adapter's tokenizer is the one it was trained with (finetune.py saves it); else the base's.
+        _save_tokenizer(adapter_dir if has_tokenizer(adapter_dir) else base, tmp_dir)
 
     _write_atomically(output_dir, write)
 

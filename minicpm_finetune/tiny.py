@@ -54,8 +54,23 @@ def _texts_from_file(path: str):
         yield from strings(obj)
 
 
-def build_tokenizer(output_dir: str, texts: list[str], chat_template: str = "minicpm", vocab_size: int = 1024):
-    """Train a byte-fallback SentencePiece BPE on ``texts`` and save it as a LlamaTokenizer with a chat template."""
+# MiniCPM-2B's vocabulary holds Chinese punctuation as user-defined pieces, which transformers turns into
+# added tokens: text after them is a new segment, where `legacy: true` prepends "▁" and `legacy: false` not.
+USER_DEFINED_PUNCTUATION = ["，", "。", "！", "？", "：", "；", "、"]
+# The template inside MiniCPM-2B's tokenizer_config.json, in substance: no system turn, nothing after a reply.
+MINICPM_2B_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}"
+                       "{{ '<用户>' + message['content'].strip() + '<AI>' }}"
+                       "{% else %}{{ message['content'].strip() }}{% endif %}{% endfor %}")
+
+
+def build_tokenizer(output_dir: str, texts: list[str], chat_template: str = "minicpm", vocab_size: int = 1024,
+                    sentencepiece_files: bool = False):
+    """Train a byte-fallback SentencePiece BPE on ``texts`` and save it as a LlamaTokenizer with a chat template.
+
+    sentencepiece_files: save it the way MiniCPM-2B ships its tokenizer instead of transformers' way:
+    ``tokenizer.model`` and a ``tokenizer_config.json`` with ``legacy: true`` and the template inside, with
+    Chinese punctuation as user-defined pieces (so the legacy setting changes the ids).
+    """
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
@@ -71,13 +86,24 @@ def build_tokenizer(output_dir: str, texts: list[str], chat_template: str = "min
         vocab_size=max(vocab_size, needed + 32), hard_vocab_limit=False, byte_fallback=True,
         character_coverage=1.0, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
+        user_defined_symbols=USER_DEFINED_PUNCTUATION if sentencepiece_files else [],
     )
+    settings = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+                "add_bos_token": True, "add_eos_token": False, "legacy": True}
+    if sentencepiece_files:
+        if chat_template != "minicpm":
+            raise ValueError("sentencepiece_files: MiniCPM-2B's layout has the minicpm template")
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "tokenizer.model"), "wb") as f:
+            f.write(model.getvalue())
+        with open(os.path.join(output_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(dict(settings, chat_template=MINICPM_2B_TEMPLATE), f, ensure_ascii=False, indent=2)
+        return AutoTokenizer.from_pretrained(output_dir)
     with tempfile.TemporaryDirectory() as raw:
         with open(os.path.join(raw, "tokenizer.model"), "wb") as f:
             f.write(model.getvalue())
         with open(os.path.join(raw, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-                       "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False, "legacy": True}, f)
+            json.dump(settings, f)
         tokenizer = AutoTokenizer.from_pretrained(raw)
     if chat_template == "chatml":
         tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})

@@ -13,10 +13,11 @@ import torch
 from transformers import Trainer
 
 from .generation import evaluate_generation
+from .portable import PortableSaves
 from .safety import NonFiniteLossGuard
 
 
-class MiniCPMTrainer(NonFiniteLossGuard, Trainer):
+class MiniCPMTrainer(PortableSaves, NonFiniteLossGuard, Trainer):
     """``Trainer`` that, at each evaluation, also generates replies for ``generation_samples`` and scores them.
 
     generation_samples: (prompt messages, reference) pairs for the validation set (``eval_samples``);

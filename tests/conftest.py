@@ -4,12 +4,12 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
 
+# The package is imported as installed (pip install -e .), or from the repository root, which
+# `python -m pytest` puts on sys.path.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests use only local folders; never wait on the network
 
