@@ -12,7 +12,7 @@ AdvertiseGen-like conversations (the records of data/advertisegen/train.jsonl, r
   call over those texts, 1000 at a time, as the timed part;
 and again (--repeats pairs, interleaved, so that load from other jobs falls on both sides). The ratio is
 mean prepare / mean bare, in wall time and in CPU time of the process (all threads; less sensitive to a
-busy machine). --preview_samples runs the data preview
+busy machine); the load average before and after is recorded too. --preview_samples runs the data preview
 (python -m minicpm_finetune.data) on that many conversations each, in a fresh process and a fresh cache,
 and reports each one's peak resident memory (ru_maxrss).
 
@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     write_conversations(data, args.samples, args.seed)
     datasets.disable_progress_bars()
     rss_start = peak_rss_mib()
+    load_before = os.getloadavg()  # the machine may be shared: other jobs' load is part of the record
     encoder = get_encoder(tokenizer)
     texts = None
 
@@ -153,7 +154,7 @@ def main(argv=None) -> int:
         "bare_tokenizer_cpu_s": bare_cpu, "prepare_cpu_s": prepare_cpu, "cpu_ratio": sum(prepare_cpu) / sum(bare_cpu),
         "cached_s": cached_s,
         "peak_rss_mib_before": rss_start, "peak_rss_mib_after_prepare": rss_prepare,
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
     }
     print(f"{args.samples} conversations, {results['tokens_per_sample']:.0f} tokens each, vocabulary {len(tokenizer)}, "
           f"{os.cpu_count()} CPUs")
@@ -163,6 +164,8 @@ def main(argv=None) -> int:
           f"(CPU {', '.join(f'{x:.1f}' for x in prepare_cpu)} s) = {results['ratio']:.2f}x the bare call "
           f"({results['cpu_ratio']:.2f}x in CPU time); peak RSS {rss_prepare:.0f} MiB")
     print(f"second run, same data/tokenizer/template/length: {cached_s:.1f} s (cache)")
+    print(f"load average (1, 5, 15 min) before {', '.join(f'{x:.1f}' for x in load_before)}, after "
+          f"{', '.join(f'{x:.1f}' for x in results['load_average_after'])} on {os.cpu_count()} CPUs")
     for samples in args.preview_samples:
         peak = preview_peak(tokenizer_path, samples, args.seed)
         results.setdefault("preview", []).append(peak)

@@ -33,7 +33,8 @@ import numpy as np
 
 from . import formats as registry
 from .formats import check_messages  # noqa: F401 - part of this module's interface (preference.py uses it)
-from .encoding import ENCODER_VERSION, IGNORE_INDEX, TemplateError, get_encoder, tokenizer_fingerprint
+from .encoding import (ENCODER_VERSION, IGNORE_INDEX, TemplateError, encoded_schema, get_encoder,
+                       tokenizer_fingerprint)
 
 FORMATS = ("auto", *registry.format_names())
 MAX_LISTED_PROBLEMS = 20
@@ -82,25 +83,45 @@ _SERIALISER = "orjson" if _orjson else "json"  # part of the cache key: digests 
 
 
 def _count_keys(obj) -> int:
-    if isinstance(obj, dict):
-        return len(obj) + sum(_count_keys(v) for v in obj.values())
-    if isinstance(obj, list):
-        return sum(_count_keys(v) for v in obj)
+    """Keys in all objects of a parsed JSON value (exact types: json and orjson build plain dicts and lists)."""
+    kind = type(obj)
+    if kind is dict:
+        count = len(obj)
+        for value in obj.values():
+            if type(value) is dict or type(value) is list:
+                count += _count_keys(value)
+        return count
+    if kind is list:
+        count = 0
+        for value in obj:
+            if type(value) is dict or type(value) is list:
+                count += _count_keys(value)
+        return count
     return 0
+
+
+_NOT_PARSED = object()
+
+
+def _parse_fast(text):
+    """One JSON value parsed by orjson (text: str, or UTF-8 bytes, which orjson checks), or _NOT_PARSED when
+    _parse must look: orjson refuses it (json says what is wrong, or accepts e.g. lone surrogates), or a
+    key may be given twice. Every key is written as "key": so when the text holds no more '":' than the
+    parsed value has keys, no key was given twice; otherwise (spaces before a colon, '":' in a string) look."""
+    if _orjson is None:
+        return _NOT_PARSED
+    try:
+        obj = _orjson.loads(text)
+    except _orjson.JSONDecodeError:
+        return _NOT_PARSED
+    return obj if text.count(b'":' if type(text) is bytes else '":') == _count_keys(obj) else _NOT_PARSED
 
 
 def _parse(text: str):
     """One JSON value; a key given twice in an object raises _DuplicateKey (json would keep the last)."""
-    if _orjson is not None:
-        try:
-            obj = _orjson.loads(text)
-        except _orjson.JSONDecodeError:
-            obj = None  # json below says what is wrong (or accepts what orjson refuses, e.g. lone surrogates)
-        else:
-            # Every key is written as "key": so when the text holds no more '":' than the parsed object has
-            # keys, no key was given twice. Otherwise (spaces before the colon, '":' inside strings) check.
-            if text.count('":') == _count_keys(obj):
-                return obj
+    obj = _parse_fast(text)
+    if obj is not _NOT_PARSED:
+        return obj
     obj, end = _decoder.raw_decode(text, len(text) - len(text.lstrip()))
     if text[end:].strip():
         raise json.JSONDecodeError("Extra data", text, end)
@@ -137,6 +158,10 @@ def _jsonl_records(path: str):
             start, offset = offset, offset + len(raw)
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw, start = raw[3:], start + 3
+            obj = _parse_fast(raw)  # the common case, without decoding the line first
+            if obj is not _NOT_PARSED:
+                yield number, obj
+                continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -354,40 +379,41 @@ def _serialise(example: dict) -> bytes:
 
 
 def _checked_rows(path: str, data_format: str, kind: str, prompts: bool):
-    """One row per record: position, problem ("" when good), normalised example (JSON), digest, ..."""
+    """One row per record, a tuple in _CHECKED_COLUMNS' order: position, problem ("" when good), normalised
+    example (JSON), its digest, the ignored keys, whether it uses tools, its format."""
     chosen = None if data_format == "auto" else data_format
+    fmt = registry.FORMATS[chosen] if chosen else None
     for number, obj in read_records(path):
-        row = {"position": number, "problem": "", "example": "", "digest": 0, "ignored": "", "tools": False,
-               "data_format": chosen or ""}
+        problem = ""
         if record_is_unreadable(obj):
-            row["problem"] = str(obj)
+            problem = str(obj)
         elif not isinstance(obj, dict):
-            row["problem"] = ("record is not a JSON object" + (" but a list (JSON Lines: one object per line)"
-                                                                if isinstance(obj, list) else ""))
+            problem = ("record is not a JSON object" + (" but a list (JSON Lines: one object per line)"
+                                                        if isinstance(obj, list) else ""))
         else:
             if chosen is None or (prompts and data_format == "auto"):  # prompt files may mix formats
                 chosen = registry.detect(obj, kind)
                 if chosen is None:
                     raise DataError(f"{_location(path, number)}: {registry.unknown_format_text(obj, kind)}")
-                row["data_format"] = chosen
+                fmt = registry.FORMATS[chosen]
             try:
-                record = registry.FORMATS[chosen].add_reply(obj, PLACEHOLDER_REPLY) if prompts else obj
+                record = fmt.add_reply(obj, PLACEHOLDER_REPLY) if prompts else obj
                 example, ignored = registry.convert(record, chosen)
                 if prompts:
                     example["messages"] = example["messages"][:-1]
                 encoded = _serialise(example)
             except UnicodeEncodeError as e:  # before ValueError, its base class
-                row["problem"] = (f"text holds a lone surrogate ({e.object[e.start:e.end].encode('unicode_escape').decode()}) "
-                                  "that no tokenizer can encode: fix the text, or pass --skip_bad_samples")
+                problem = (f"text holds a lone surrogate ({e.object[e.start:e.end].encode('unicode_escape').decode()}) "
+                           "that no tokenizer can encode: fix the text, or pass --skip_bad_samples")
             except ValueError as e:
-                row["problem"] = str(e)
+                problem = str(e)
             else:
-                row.update(example=encoded, ignored=",".join(ignored), tools=bool(
-                    example.get("tools") or any(m.get("tool_calls") or m["role"] == "tool"
-                                                for m in example["messages"])),
-                           digest=int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little",
-                                                 signed=True))
-        yield row
+                tools = bool(example.get("tools") or any(m.get("tool_calls") or m["role"] == "tool"
+                                                         for m in example["messages"]))
+                digest = int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little", signed=True)
+                yield number, "", encoded, digest, ",".join(ignored), tools, chosen
+                continue
+        yield number, problem, "", 0, "", False, chosen or ""
 
 
 def _source_identity(path: str) -> str:
@@ -403,7 +429,7 @@ _CHECKED_COLUMNS = {"position": "int64", "problem": "string", "example": "string
 
 
 def _write_checked(path: str, rows, batch_rows: int = 10_000) -> None:
-    """Checked rows to an Arrow stream file in batches (bounded memory), renamed into place when complete."""
+    """Checked rows (tuples) to an Arrow stream file in batches (bounded memory), renamed into place when complete."""
     import pyarrow as pa
 
     schema = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in _CHECKED_COLUMNS.items()])
@@ -411,19 +437,19 @@ def _write_checked(path: str, rows, batch_rows: int = 10_000) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            columns = {name: [] for name in _CHECKED_COLUMNS}
+            batch = []
 
             def flush():
-                writer.write_batch(pa.record_batch([pa.array(columns[f.name], f.type) for f in schema], schema=schema))
-                for values in columns.values():
-                    values.clear()
+                columns = zip(*batch)  # rows -> columns, in C
+                writer.write_batch(pa.record_batch([pa.array(values, f.type) for values, f in zip(columns, schema)],
+                                                   schema=schema))
+                batch.clear()
 
             for row in rows:
-                for name, values in columns.items():
-                    values.append(row[name])
-                if len(columns["position"]) >= batch_rows:
+                batch.append(row)
+                if len(batch) >= batch_rows:
                     flush()
-            if columns["position"]:
+            if batch:
                 flush()
         os.replace(tmp, path)
     finally:
@@ -589,8 +615,7 @@ def example_of(row) -> dict:
 def encode(tokenizer, messages: list[dict], end_of_turn: str | None = None, max_length: int | None = None,
            tools=None) -> dict:
     """input_ids and labels (aligned; the model shifts) and counts for one conversation."""
-    row = get_encoder(tokenizer).encode_batch([{"messages": messages, "tools": tools}], max_length)
-    return {key: values[0] for key, values in row.items()}
+    return get_encoder(tokenizer).encode_batch([{"messages": messages, "tools": tools}], max_length).to_pylist()[0]
 
 
 @dataclass
@@ -613,17 +638,14 @@ class EncodeStats:
 _load_example = _orjson.loads if _orjson is not None else json.loads
 
 
-def _encode_rows(batch, encoder, max_length, schema):
-    """One batch as an Arrow table: built in C from the lists, which datasets then writes as is."""
-    import pyarrow as pa
-
-    # A batch allocates a few hundred thousand small objects and no reference cycles: the cyclic collector
-    # would only scan them again and again (a quarter of the time in a profile).
+def _encode_rows(batch, encoder, max_length):
+    """One batch as an Arrow table (built by the encoder in numpy), which datasets then writes as is."""
+    # A batch allocates tens of thousands of small objects and no reference cycles: the cyclic collector
+    # would only scan them again and again.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        rows = encoder.encode_batch([_load_example(text) for text in batch["example"]], max_length)
-        return pa.table([pa.array(rows[f.name], f.type) for f in schema], schema=schema)
+        return encoder.encode_batch([_load_example(text) for text in batch["example"]], max_length)
     finally:
         if collecting:
             gc.enable()
@@ -650,14 +672,9 @@ def tokenize_dataset(conversations, tokenizer, max_length: int | None, num_proc:
         conversations = conversations.map(lambda row: {"example": json.dumps(example_of(row), ensure_ascii=False)},
                                           remove_columns=conversations.column_names)
     key = json.dumps([conversations._fingerprint, tokenizer_fingerprint(tokenizer), max_length, ENCODER_VERSION])
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "labels": datasets.Sequence(datasets.Value("int32")),
-                                  "length": datasets.Value("int32"), "full_length": datasets.Value("int32"),
-                                  "num_learned": datasets.Value("int32"), "truncated": datasets.Value("bool"),
-                                  "cut_replies": datasets.Value("int32")})
     encoded = conversations.map(_encode_rows, batched=True, remove_columns=conversations.column_names,
-                                fn_kwargs={"encoder": encoder, "max_length": max_length,
-                                           "schema": features.arrow_schema}, features=features,
+                                fn_kwargs={"encoder": encoder, "max_length": max_length},
+                                features=datasets.Features.from_arrow_schema(encoded_schema()),
                                 num_proc=num_proc if num_proc and num_proc > 1 else None, desc="Tokenizing",
                                 new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])
     table = encoded.data

@@ -26,6 +26,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -314,20 +315,25 @@ class ChatEncoder:
     def prompt_ids(self, messages: list[dict], tools=None) -> list[int]:
         return self.token_ids(self.render(messages, tools, generation_prompt=True))
 
-    def encode_batch(self, examples: list[dict], max_length: int | None) -> dict:
-        """Columns input_ids, labels, length, full_length, num_learned, truncated, cut_replies."""
+    def encode_batch(self, examples: list[dict], max_length: int | None):
+        """An Arrow table (encoded_schema()) with columns input_ids, labels, length, full_length, num_learned,
+        truncated, cut_replies. Per sample only the reply spans are found in Python; the id and label
+        columns are built in numpy (a nested list -> Arrow conversion costs more than the masking)."""
+        import pyarrow as pa
+
         rendered = [self.render(e["messages"], e.get("tools")) for e in examples]
         encodings = self._encode([r.text for r in rendered])
-        rows = {key: [] for key in ("input_ids", "labels", "length", "full_length", "num_learned", "truncated",
-                                    "cut_replies")}
-        for r, encoding in zip(rendered, encodings):
-            if self.needs_protection(r) and self.can_protect:
+        # One search over all contents of the batch: most batches have no special-looking text at all.
+        special = self._special is not None and self._special.search(
+            "\n".join([r.text[b:e] for r in rendered for b, e in r.contents])) is not None
+        ids_of, full_length, num_learned, cut_replies, learned_spans = [], [], [], [], []
+        for i, (r, encoding) in enumerate(zip(rendered, encodings)):
+            if special and self.needs_protection(r) and self.can_protect:
                 ids, offsets = self.encode_protected(r)
                 ranges = [_range_from_offsets(offsets, b, e) for b, e in r.replies]
             else:
                 ids = encoding.ids
                 ranges = [_range_from_encoding(encoding, len(ids), b, e) for b, e in r.replies]
-            labels = [IGNORE_INDEX] * len(ids)
             cut = learned = 0
             for span in ranges:
                 if span is None:
@@ -336,19 +342,39 @@ class ChatEncoder:
                 if max_length is not None and stop > max_length:
                     cut += 1
                     continue
-                labels[first:stop] = ids[first:stop]
+                learned_spans.append((i, first, stop))
                 learned += stop - first
-            full = len(ids)
-            if max_length is not None and full > max_length:
-                ids, labels = ids[:max_length], labels[:max_length]
-            rows["input_ids"].append(ids)
-            rows["labels"].append(labels)
-            rows["length"].append(len(ids))
-            rows["full_length"].append(full)
-            rows["num_learned"].append(learned)
-            rows["truncated"].append(full > len(ids))
-            rows["cut_replies"].append(cut)
-        return rows
+            full_length.append(len(ids))
+            ids_of.append(ids if max_length is None or len(ids) <= max_length else ids[:max_length])
+            num_learned.append(learned)
+            cut_replies.append(cut)
+        full_length = np.array(full_length, np.int32)
+        length = np.minimum(full_length, max_length) if max_length is not None else full_length
+        offsets = np.zeros(len(length) + 1, np.int32)
+        np.cumsum(length, out=offsets[1:])
+        ids = np.fromiter(chain.from_iterable(ids_of), np.int32, int(offsets[-1]))
+        # Learned tokens: +1 where a span starts, -1 where it ends; the running sum is > 0 inside spans.
+        learned = np.zeros(len(ids) + 1, np.int32)
+        if learned_spans:
+            sample, first, stop = np.array(learned_spans, np.int64).T
+            np.add.at(learned, offsets[sample] + first, 1)
+            np.add.at(learned, offsets[sample] + stop, -1)
+        labels = np.where(np.cumsum(learned[:-1]) > 0, ids, np.int32(IGNORE_INDEX))
+        arrow_offsets = pa.array(offsets)
+        return pa.table([pa.ListArray.from_arrays(arrow_offsets, pa.array(ids)),
+                         pa.ListArray.from_arrays(arrow_offsets, pa.array(labels)),
+                         pa.array(length), pa.array(full_length), pa.array(np.array(num_learned, np.int32)),
+                         pa.array(full_length > length), pa.array(np.array(cut_replies, np.int32))],
+                        schema=encoded_schema())
+
+
+def encoded_schema():
+    """The columns encode_batch gives (and the tokenized data set holds)."""
+    import pyarrow as pa
+
+    return pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                      ("length", pa.int32()), ("full_length", pa.int32()), ("num_learned", pa.int32()),
+                      ("truncated", pa.bool_()), ("cut_replies", pa.int32())])
 
 
 def _pre_tokenizer_from_spec(spec: dict):

@@ -42,6 +42,9 @@ class DataFormat:
     add_reply: Callable[[dict, str], dict]  # a prompt-only record completed with a placeholder reply
     kind: str = "sft"  # "sft": a conversation to learn; "preference": chosen/rejected pairs
 
+    def __post_init__(self):
+        object.__setattr__(self, "key_set", frozenset(self.keys))  # for the per-record key check
+
 
 # --------------------------------------------------------------------------- shared checks
 
@@ -304,9 +307,13 @@ def unknown_format_text(record: dict, kind: str = "sft") -> str:
 def convert(record: dict, data_format: str) -> tuple[dict, list[str]]:
     """(normalised example, ignored metadata keys) for one record, or ValueError naming the problem."""
     fmt = FORMATS[data_format]
-    present = {k: v for k, v in record.items() if v is not None}  # Arrow fills absent fields with null
+    present = record
+    for value in record.values():
+        if value is None:  # Arrow fills absent fields with null
+            present = {k: v for k, v in record.items() if v is not None}
+            break
     example = fmt.convert(present)  # first: a record in another format is told what it misses
-    if present.keys() <= set(fmt.keys):
+    if present.keys() <= fmt.key_set:
         return example, []
     lost = sorted(k for k in present if k in TEXT_KEYS and k not in fmt.keys)
     if lost:

@@ -50,6 +50,7 @@ def test_data_benchmark_runs_preparation_and_bare_tokenizer_side_by_side(tmp_pat
     assert len(numbers["prepare_s"]) == 2
     assert abs(numbers["ratio"] - sum(numbers["prepare_s"]) / sum(numbers["bare_tokenizer_s"])) < 1e-9
     assert numbers["cpu_ratio"] > 0
+    assert len(numbers["load_average_before"]) == 3 and len(numbers["load_average_after"]) == 3
     assert 0 < numbers["cached_s"] < numbers["prepare_s"][0]  # the second run is served from the cache
     assert [p["samples"] for p in numbers["preview"]] == [100, 200] and numbers["preview_peak_ratio"] > 0
-    assert "the bare call" in result.stdout and "peak RSS" in result.stdout
+    assert "the bare call" in result.stdout and "peak RSS" in result.stdout and "load average" in result.stdout
