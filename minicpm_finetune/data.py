@@ -26,6 +26,7 @@ import gc
 import hashlib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -101,20 +102,26 @@ def _count_keys(obj) -> int:
 
 
 _NOT_PARSED = object()
+_SPACED_COLON = re.compile(r'"\s+:')  # a key written "key" : is not counted by '":'
+_SPACED_COLON_BYTES = re.compile(rb'"\s+:')
 
 
 def _parse_fast(text):
     """One JSON value parsed by orjson (text: str, or UTF-8 bytes, which orjson checks), or _NOT_PARSED when
     _parse must look: orjson refuses it (json says what is wrong, or accepts e.g. lone surrogates), or a
-    key may be given twice. Every key is written as "key": so when the text holds no more '":' than the
-    parsed value has keys, no key was given twice; otherwise (spaces before a colon, '":' in a string) look."""
+    key may be given twice. When every key is written as "key": (no space before a colon) and the text holds no
+    more '":' than the parsed value has keys, no key was given twice; otherwise ('":' in a string) look."""
     if _orjson is None:
         return _NOT_PARSED
     try:
         obj = _orjson.loads(text)
     except _orjson.JSONDecodeError:
         return _NOT_PARSED
-    return obj if text.count(b'":' if type(text) is bytes else '":') == _count_keys(obj) else _NOT_PARSED
+    if type(text) is bytes:
+        written, spaced = text.count(b'":'), _SPACED_COLON_BYTES.search(text)
+    else:
+        written, spaced = text.count('":'), _SPACED_COLON.search(text)
+    return obj if written == _count_keys(obj) and not spaced else _NOT_PARSED
 
 
 def _parse(text: str):

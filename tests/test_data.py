@@ -249,6 +249,8 @@ def test_content_that_looks_like_a_special_token_is_text(tokenizer, text):
      'message 2: key "reasoning" is not used, its text would be lost'),
     ('{"messages": [{"role": "user", "content": "a", "content": "b"}, {"role": "assistant", "content": "b"}]}',
      'duplicate key "content"'),
+    ('{"messages": [{"role": "user", "content" : "a", "content": "b"}, {"role": "assistant", "content": "b"}]}',
+     'duplicate key "content"'),
     ('{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "b"}]}',
      "lone surrogate (\\ud800)"),
     ('[{"messages": []}]', "record is not a JSON object but a list"),
@@ -258,7 +260,7 @@ def test_content_that_looks_like_a_special_token_is_text(tokenizer, text):
      "tool call is a string but not JSON"),
 ], ids=["malformed_json", "unknown_role", "out_of_order", "ends_with_user", "empty_reply", "non_string_content",
         "system_not_first", "wrong_format", "text_key_not_read", "message_key_not_used", "duplicate_key",
-        "lone_surrogate", "line_is_an_array", "tool_call_without_name", "tool_calls_not_json"])
+        "duplicate_key_spaced", "lone_surrogate", "line_is_an_array", "tool_call_without_name", "tool_calls_not_json"])
 def test_bad_records_are_named_by_file_and_line(tmp_path, line, problem):
     good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
     path = tmp_path / "bad.jsonl"
