@@ -720,13 +720,23 @@ def render_masked(tokenizer, input_ids: list[int], labels: list[int]) -> str:
     return "".join(out)
 
 
+def is_preference_file(path: str) -> bool:
+    """Whether the first record of a local file is a preference pair (has "chosen" and "rejected")."""
+    if not os.path.exists(path):
+        return False
+    for _, obj in read_records(path):
+        return isinstance(obj, dict) and "chosen" in obj and "rejected" in obj
+    return False
+
+
 def main(argv=None) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from .templates import apply_template, resolve_chat_template
 
     parser = argparse.ArgumentParser(prog="python -m minicpm_finetune.data",
-                                     description="Check a data file and preview its tokens and loss mask.")
+                                     description="Check a data file (SFT or DPO preference pairs) and preview its tokens "
+                                                 "and loss mask.")
     parser.add_argument("--tokenizer", required=True, help="tokenizer or model folder (or hub id)")
     parser.add_argument("--data", required=True, help="JSON / JSON Lines / Parquet file, save_to_disk folder or "
                         "hub dataset name")
@@ -753,6 +763,10 @@ def main(argv=None) -> int:
         model_type = None
     try:
         apply_template(tokenizer, resolve_chat_template(tokenizer, model_type, args.chat_template))
+        if is_preference_file(args.data):  # DPO pairs: prompt, chosen and rejected with their scored spans
+            from .preference import preview_pairs
+
+            return preview_pairs(tokenizer, args.data, args.model_max_length, args.skip_bad_samples)
         conversations = load_conversations(args.data, args.data_format, args.skip_bad_samples)
         dataset, stats = tokenize_dataset(conversations, tokenizer, args.model_max_length,
                                           args.preprocessing_num_workers, source=args.data)

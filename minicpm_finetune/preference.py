@@ -14,13 +14,12 @@ the ids before the reply are the ids inference feeds; only the final reply and i
 scored (earlier assistant turns in the prompt are context). A pair that does not fit in ``max_length`` is
 dropped and counted, never cut: a cut reply would be scored without its end.
 
-Preview before training:
-    python -m minicpm_finetune.preference --tokenizer PATH --data FILE [--model_max_length N]
+Preview before training (the data command tells a preference file by its first record):
+    python -m minicpm_finetune.data --tokenizer PATH --data FILE [--model_max_length N]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -279,39 +278,20 @@ class PreferenceCollator:
 # --------------------------------------------------------------------------- preview command
 
 
-def main(argv=None) -> int:
-    from transformers import AutoTokenizer
-
-    from .templates import apply_template, resolve_chat_template
-
-    parser = argparse.ArgumentParser(prog="python -m minicpm_finetune.preference",
-                                     description="Check a preference (DPO) file and preview a pair's scored tokens.")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer or model folder (or hub id)")
-    parser.add_argument("--data", required=True, help="JSON or JSON Lines preference file")
-    parser.add_argument("--model_max_length", type=int, default=None)
-    parser.add_argument("--chat_template", default=None, help="minicpm, chatml or a Jinja file")
-    parser.add_argument("--skip_bad_samples", action="store_true")
-    args = parser.parse_args(argv)
+def preview_pairs(tokenizer, path: str, max_length: int | None, skip_bad_samples: bool = False) -> int:
+    """The data command's preview of a preference file (``python -m minicpm_finetune.data``): counts, then the
+    first pair's chosen and rejected replies with their scored spans in [[...]]; the tokenizer carries the
+    template training uses."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    except Exception as e:  # noqa: BLE001 - any load failure is reported in one line
-        print(f"error: cannot load tokenizer {args.tokenizer}: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    try:
-        apply_template(tokenizer, resolve_chat_template(tokenizer, override=args.chat_template))
-        check = check_preference_files({"data": args.data}, args.skip_bad_samples)["data"]
-        dataset, stats = tokenize_pairs(check, tokenizer, args.model_max_length)
+        check = check_preference_files({"data": path}, skip_bad_samples)["data"]
+        dataset, stats = tokenize_pairs(check, tokenizer, max_length)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(stats.summary(f"{args.data} ({check.data_format} format)", args.model_max_length))
+    print(stats.summary(f"{path} ({check.data_format} format)", max_length))
     if len(dataset):
         first = dataset[0]
         print("\nFirst pair (scored tokens in [[...]], the prompt before them is context):")
         for side in ("chosen", "rejected"):
             print(f"{side}: {render_masked(tokenizer, first[f'{side}_input_ids'], first[f'{side}_labels'])}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

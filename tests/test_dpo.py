@@ -11,9 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finetune
 from minicpm_finetune.data import IGNORE_INDEX, DataError, FileCheck
+from minicpm_finetune.data import main as data_command
 from minicpm_finetune.generation import prompt_ids
 from minicpm_finetune.preference import (PreferenceCollator, check_preference_file, check_preference_files,
-                                         encode_pair, main as preview, to_pair, tokenize_pairs)
+                                         encode_pair, to_pair, tokenize_pairs)
 from minicpm_finetune.templates import end_of_turn_token
 
 # A learnable preference set: each question prefers its own answer to the next question's.
@@ -137,8 +138,8 @@ def test_sft_data_given_to_dpo_is_named(data_dir):
         check_preference_files({"train": str(data_dir / "train.jsonl")})
 
 
-def test_preview_marks_the_scored_spans_of_both_replies(tiny_model, preference_dir, capsys):
-    assert preview(["--tokenizer", tiny_model, "--data", str(preference_dir / "dev.jsonl")]) == 0
+def test_data_command_previews_pairs_with_the_scored_spans_of_both_replies(tiny_model, preference_dir, capsys):
+    assert data_command(["--tokenizer", tiny_model, "--data", str(preference_dir / "dev.jsonl")]) == 0
     out = capsys.readouterr().out
     q, chosen, rejected = PAIRS[0]
     assert "4 preference pairs" in out and "(trl format)" in out
