@@ -5,6 +5,7 @@ with transformers' Auto classes, so official checkpoints load without remote cod
 """
 
 import logging
+import warnings
 
 # bitsandbytes' CPU backend (imported by PEFT whenever it is installed) warns on stderr that the optional
 # `kernels` package is missing and uses its plain torch path instead: noise in every command, and it
@@ -15,6 +16,10 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # DeepSpeed (imported by transformers when a Trainer starts) says on stdout that it falls back to the CPU,
 # in the middle of the run's own output; a filter outlives the level DeepSpeed sets on its logger at import.
 logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
+
+# PEFT reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a FutureWarning in every
+# LoRA run that the user can do nothing about (our own code uses the activation_checkpointing names).
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
 
