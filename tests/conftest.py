@@ -61,6 +61,30 @@ def tiny_chatml_model(tmp_path_factory, data_dir):
                       chat_template="chatml")
 
 
+# Random models without a tokenizer use token ids below VOCAB: 0 pad, 1 BOS, 2 EOS, the rest ordinary.
+VOCAB = 300
+
+
+def random_minicpm(tied=True, seed=0, **overrides):
+    """A random native MiniCPM (the package's tiny config: 3 layers, VOCAB words) in eval mode."""
+    import torch
+
+    from minicpm_finetune.modeling_minicpm import MiniCPMForCausalLM
+    from minicpm_finetune.tiny import tiny_config
+
+    settings = dict(intermediate_size=128, num_hidden_layers=3, max_position_embeddings=256, pad_token_id=0,
+                    tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    return MiniCPMForCausalLM(tiny_config(VOCAB, **{**settings, **overrides})).eval()
+
+
+def random_ids(batch, length, seed=1):
+    """Ordinary token ids (no special ones) for random_minicpm, the same for the same seed."""
+    import torch
+
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
 def run(args, cwd=ROOT, env=None, timeout=600):
     """Run a command; return the CompletedProcess (text)."""
     full_env = dict(os.environ, **(env or {}))
