@@ -58,6 +58,7 @@ def main() -> int:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--batch_sizes", default="1,8,32", help="comma-separated; 1 is one-by-one")
     args = parser.parse_args()
+    import minicpm_finetune  # noqa: F401  first: its logging and warning filters apply before torch loads
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
