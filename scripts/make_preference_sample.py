@@ -52,8 +52,8 @@ def main(argv=None) -> int:
             print(f"error: {check.report()}", file=sys.stderr)
             return 2
         good = check.good()
-        pairs = make_pairs([example_of(row)["messages"] for row in good.select(range(min(args.max_records, len(good))))],
-                           rng)
+        kept = good.select(range(min(args.max_records, len(good))))
+        pairs = make_pairs([example_of(row)["messages"] for row in kept], rng)
         write_atomic(os.path.join(args.output_dir, f"{split}.jsonl"),
                      "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
         print(f"{split}: {len(pairs)} pairs -> {os.path.join(args.output_dir, split + '.jsonl')}")

@@ -5,7 +5,6 @@ LoRA under ZeRO-3, and two simulated nodes. Four launches in all; each asserts e
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 reward accuracy and margin go up, the loss is the hand-computed one, and the saved output prefers the chosen replies."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -96,7 +96,7 @@ BAD_RECORD_IDS = ["malformed_json", "non_string_content", "wrong_format", "unkno
 def test_bad_record_is_named_with_file_and_line(bad_data_run, where, problem):
     folder, out, result = bad_data_run
     assert_clean_failure(result, out)
-    line = next((l for l in result.stderr.splitlines() if where in l), None)
+    line = next((out for out in result.stderr.splitlines() if where in out), None)
     # Lines past the first 20 are counted, not listed; these cases are among the first 20.
     assert line is not None and problem in line, result.stderr
     assert str(folder) in line
@@ -107,7 +107,7 @@ def test_all_files_checked_in_one_pass_first_20_listed(bad_data_run):
     assert_clean_failure(result, out)
     # An unreadable test file (listed first), 9 bad records in train, 26 in dev.
     assert "36 problem(s) in the data" in result.stderr
-    listed = [l for l in result.stderr.splitlines() if ".json" in l and ":" in l]
+    listed = [line for line in result.stderr.splitlines() if ".json" in line and ":" in line]
     assert len(listed) == 20 and "test.jsonl:2: not UTF-8" in listed[0]
     assert 'dev.json:11: missing "output"' in listed[-1]
     assert "... and 16 more" in result.stderr
@@ -220,7 +220,8 @@ def test_samples_with_nothing_to_learn_are_skipped_and_counted(tokenizer):
     from minicpm_finetune.data import tokenize_dataset
 
     def length(messages):
-        return len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids)
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        return len(tokenizer(rendered, add_special_tokens=False).input_ids)
 
     first_end = length(TWO_TURNS[:3]) - 1  # the first reply's eos
     limit = first_end + 1
@@ -317,7 +318,7 @@ def test_kill_and_resume_reaches_the_same_weights_and_losses(tmp_path, tiny_mode
 
     resumed = run(finetune_cmd(tiny_model, train, dev, crashed, *args, "--resume_from_checkpoint", "true"))
     assert resumed.returncode == 0, resumed.stderr
-    chosen = [l for l in resumed.stdout.splitlines() if l.startswith("resuming from")]
+    chosen = [line for line in resumed.stdout.splitlines() if line.startswith("resuming from")]
     assert chosen and "checkpoint-1000, checkpoint-999" in chosen[0] and "/checkpoint-" in chosen[0]
 
     a, b = read_weights(straight), read_weights(crashed)
@@ -357,7 +358,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
                               "sequential", "--per_device_train_batch_size", 1, "--save_steps", 2,
                               "--eval_strategy", "no", "--max_steps", 6, "--learning_rate", 1e-3))
     assert result.returncode != 0
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "loss is nan at step 5" in errors[0] and f"last good checkpoint is {out}/checkpoint-4" in errors[0]
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
@@ -414,7 +415,8 @@ IMPOSSIBLE = [
     ("report_to unknown", ["--report_to", "wandbb"], "--report_to wandbb: unknown"),
     ("liger on minicpm", ["--model_name_or_path", "{model}", "--use_liger_kernel", "true"],
      "--use_liger_kernel has no effect on minicpm"),
-    ("lora target misspelled", ["--use_lora", "--model_name_or_path", "{model}", "--lora_target_modules", "q_proj,v_prj"],
+    ("lora target misspelled",
+     ["--use_lora", "--model_name_or_path", "{model}", "--lora_target_modules", "q_proj,v_prj"],
      "--lora_target_modules: v_prj matches no layer of this minicpm model; its layers: down_proj,"),
     ("lora target not a layer", ["--use_lora", "--model_name_or_path", "{model}", "--lora_target_modules", "mlp"],
      "mlp (a MiniCPMMLP, not a layer LoRA can wrap) matches no layer"),
@@ -426,7 +428,8 @@ IMPOSSIBLE = [
     ("empty model folder", ["--model_name_or_path", "{tmp}/empty"], "no config.json in this folder"),
     ("resume with other lora settings", ["--use_lora", "--model_name_or_path", "{model}", "--lora_r", "16",
                                          "--resume_from_checkpoint", "{tmp}/lora/checkpoint-2"], "(lora_r 8 -> 16)"),
-    ("resume full from lora", ["--model_name_or_path", "{model}", "--resume_from_checkpoint", "{tmp}/lora/checkpoint-2"],
+    ("resume full from lora",
+     ["--model_name_or_path", "{model}", "--resume_from_checkpoint", "{tmp}/lora/checkpoint-2"],
      "(LoRA fine-tuning -> full fine-tuning)"),
     ("flash attention not installed", ["--attn_implementation", "flash_attention_2"],
      "--attn_implementation flash_attention_2 needs flash-attn: pip install flash-attn"),
@@ -607,8 +610,10 @@ def test_a_folder_holding_another_run_is_refused_and_overwrite_replaces_it(two_r
     before = folder_state(out)
     refusals = [
         ((), f"--output_dir {out} already holds a finished LoRA fine-tuning run"),
-        (("--resume_from_checkpoint", "true"), "was trained with other settings (LoRA fine-tuning -> full fine-tuning)"),
-        (("--use_lora", "--lora_r", 4, "--resume_from_checkpoint", "true"), "was trained with other settings (lora_r 8 -> 4)"),
+        (("--resume_from_checkpoint", "true"),
+         "was trained with other settings (LoRA fine-tuning -> full fine-tuning)"),
+        (("--use_lora", "--lora_r", 4, "--resume_from_checkpoint", "true"),
+         "was trained with other settings (lora_r 8 -> 4)"),
     ]
     for extra, message in refusals:
         result = run(short_run(tiny_model, data_dir, out, *extra))
@@ -736,7 +741,7 @@ def test_inference_takes_non_utf8_text_with_one_line(tiny_model):
     chat = run_bytes([sys.executable, "inference.py", "--model_name_or_path", tiny_model, "--max_new_tokens", "4"],
                      stdin=b"hi \xff there\n" + QA[0][0].encode() + b"\n")
     assert chat.returncode == 2 and b"Traceback" not in chat.stderr
-    assert [l for l in chat.stderr.splitlines() if l.startswith(b"error:")] == [
+    assert [line for line in chat.stderr.splitlines() if line.startswith(b"error:")] == [
         b"error: this message is not valid UTF-8 text; not sent"]
     assert chat.stdout.count(b"Assistant: ") == 1
 
@@ -825,5 +830,5 @@ def test_preview_uses_the_template_training_uses_and_reads_bad_files_in_one_line
     unreadable = run([sys.executable, "-m", "minicpm_finetune.data", "--tokenizer", str(model),
                       "--data", "/proc/self/mem"])  # a file whose read fails (EIO)
     assert unreadable.returncode == 2
-    assert [l for l in unreadable.stderr.splitlines() if l.strip()] == [
+    assert [line for line in unreadable.stderr.splitlines() if line.strip()] == [
         "error: /proc/self/mem: cannot read (Input/output error)"]

@@ -143,7 +143,8 @@ def test_missing_dev_file_is_named(tmp_path, tiny_model, data_dir):
     only_train = tmp_path / "d"
     only_train.mkdir()
     (only_train / "train.jsonl").write_text((data_dir / "train.jsonl").read_text())
-    result = run(["bash", os.path.join(ROOT, "lora_finetune.sh")], env={"MODEL_PATH": tiny_model, "DATA_DIR": str(only_train)})
+    result = run(["bash", os.path.join(ROOT, "lora_finetune.sh")],
+                 env={"MODEL_PATH": tiny_model, "DATA_DIR": str(only_train)})
     assert result.returncode == 2 and "no dev.jsonl or dev.json" in result.stderr
 
 
@@ -172,8 +173,10 @@ def test_early_stopping_stops_and_keeps_the_best_checkpoint(tmp_path, tiny_model
     best = (min if metric == "loss" else max)(scores)
     assert state.global_step < 80 and len(scores) == state.global_step // 4  # stopped early
     assert scores.index(best) == len(scores) - 3  # the (first) best, then two that are not better
-    assert state.best_metric == best and state.best_model_checkpoint == str(output_dir / f"checkpoint-{4 * (len(scores) - 2)}")
-    saved, kept = load_file(output_dir / "model.safetensors"), load_file(os.path.join(state.best_model_checkpoint, "model.safetensors"))
+    assert state.best_metric == best
+    assert state.best_model_checkpoint == str(output_dir / f"checkpoint-{4 * (len(scores) - 2)}")
+    saved = load_file(output_dir / "model.safetensors")
+    kept = load_file(os.path.join(state.best_model_checkpoint, "model.safetensors"))
     assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
     test_metrics = json.loads((output_dir / "test_metrics.json").read_text())
     assert abs(test_metrics[f"test_{metric}"] - best) < 1e-4  # the final evaluation ran on the best model
@@ -195,9 +198,11 @@ def test_docs_scripts_configs_and_notebook_use_no_deprecated_flag():
     assert "gradient_checkpointing" in deprecated  # the check sees transformers' marks
     texts = {path: open(os.path.join(ROOT, path), encoding="utf-8").read()
              for path in ["README.md", "docs/faults.md", "bench/README.md", "lora_finetune.sh", "sft_finetune.sh",
-                          "scripts/common.sh", *[os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/configs/*.yaml")]]}
+                          "scripts/common.sh",
+                          *[os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/configs/*.yaml")]]}
     notebook = nbformat.read(os.path.join(ROOT, "lora_finetune.ipynb"), as_version=4)
     texts["lora_finetune.ipynb"] = "\n".join(cell.source for cell in notebook.cells)
     used = {(path, name) for path, text in texts.items()
-            for name in re.findall(r"--(\w+)", text) + re.findall(r"^(\w+):", text, re.M) + re.findall(r'"(\w+)": ', text)}
+            for name in (re.findall(r"--(\w+)", text) + re.findall(r"^(\w+):", text, re.M)
+                         + re.findall(r'"(\w+)": ', text))}
     assert not {(path, name) for path, name in used if name in deprecated}

@@ -137,7 +137,8 @@ def test_zero3_two_processes_match_single_process_generation(tiny_model, data_di
     out = tmp_path / "zero3"
     test_file = tmp_path / "test.jsonl"
     test_file.write_text("".join((data_dir / "test.jsonl").read_text().splitlines(keepends=True)[:3]))
-    result = run(["deepspeed", "--num_gpus", "2", "--master_port", "29517", "finetune.py", "--deepspeed", "configs/ds_config_zero3.json",
+    result = run(["deepspeed", "--num_gpus", "2", "--master_port", "29517", "finetune.py",
+                  "--deepspeed", "configs/ds_config_zero3.json",
                   *finetune_args(tiny_model, data_dir, out, "--test_data_path", str(test_file), "--max_steps", "2",
                                  "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "1",
                                  "--disable_tqdm", "true")])

@@ -105,7 +105,8 @@ def test_full_finetune_output_batch_file_predictions_and_metrics(base_model, dat
 
 def test_prompt_only_file_gives_predictions_without_metrics(tiny_model, tmp_path):
     data = tmp_path / "prompts.jsonl"
-    data.write_text('{"input": "你好"}\n{"messages": [{"role": "user", "content": "推荐一条裙子"}]}\n', encoding="utf-8")
+    data.write_text('{"input": "你好"}\n{"messages": [{"role": "user", "content": "推荐一条裙子"}]}\n',
+                    encoding="utf-8")
     result = infer("--model_name_or_path", tiny_model, "--input_file", str(data), "--output_file",
                    str(tmp_path / "out.jsonl"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -116,9 +117,11 @@ def test_prompt_only_file_gives_predictions_without_metrics(tiny_model, tmp_path
 
 def test_interactive_chat_keeps_history_until_clear(base_model, lora_adapter):
     first, second = QA[0][0], QA[2][0]
-    result = infer("--model_name_or_path", lora_adapter, stdin=f"{first}\n{second}\nclear\n{second}\nexit\nnever read\n")
+    result = infer("--model_name_or_path", lora_adapter,
+                   stdin=f"{first}\n{second}\nclear\n{second}\nexit\nnever read\n")
     assert result.returncode == 0, result.stderr[-3000:]
-    replies = [line.removeprefix("Assistant: ") for line in result.stdout.splitlines() if line.startswith("Assistant: ")]
+    replies = [line.removeprefix("Assistant: ") for line in result.stdout.splitlines()
+               if line.startswith("Assistant: ")]
     assert len(replies) == 3 and "(history cleared)" in result.stdout
     user = [{"role": "user", "content": first}]
     turn_two = user + [{"role": "assistant", "content": replies[0]}, {"role": "user", "content": second}]
