@@ -262,3 +262,50 @@ def test_hub_id_base_missing_from_the_cache_is_one_line(hub_env, outputs, tmp_pa
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "owner/missing" in lines[0], lines
     assert not os.path.exists(tmp_path / "merged")
+
+
+# --------------------------------------------------------------------------- the parts, called directly
+
+
+def test_copy_tokenizer_replaces_the_saved_one_and_records_template_and_pad_token(tmp_path):
+    from minicpm_finetune.portable import copy_tokenizer
+
+    source, out = tmp_path / "base", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    (source / "tokenizer.model").write_bytes(b"\x00sentencepiece\xff")
+    (source / "tokenizer_config.json").write_text(json.dumps({"legacy": True, "chat_template": "base's"}))
+    (source / "chat_template.jinja").write_text("base's")
+    (source / "model.safetensors").write_text("weights: not the tokenizer's")
+    (out / "tokenizer.json").write_text("what save_pretrained wrote")
+    (out / "config.json").write_text("{}")
+    copy_tokenizer(str(source), str(out), chat_template="ours", pad_token="<unk>")
+    assert sorted(os.listdir(out)) == ["chat_template.jinja", "config.json", "tokenizer.model",
+                                       "tokenizer_config.json"]
+    assert (out / "tokenizer.model").read_bytes() == b"\x00sentencepiece\xff"
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"legacy": True, "pad_token": "<unk>"}
+    assert (out / "chat_template.jinja").read_text() == "ours"
+    plain = tmp_path / "plain"
+    copy_tokenizer(str(source), str(plain))  # no template or pad token given: the files as they are
+    assert (plain / "tokenizer_config.json").read_bytes() == (source / "tokenizer_config.json").read_bytes()
+    assert (plain / "chat_template.jinja").read_text() == "base's"
+
+
+def test_model_code_ships_with_minicpm_folders_only(tmp_path):
+    from minicpm_finetune.portable import ship_model_code
+
+    minicpm, llama = tmp_path / "minicpm", tmp_path / "llama"
+    for folder, model_type in ((minicpm, "minicpm"), (llama, "llama")):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type,
+                                                        "auto_map": {"AutoModelForCausalLM": "remote.Model"}}))
+        ship_model_code(str(folder))
+    package = os.path.join(ROOT, "minicpm_finetune")
+    for name in MODEL_CODE_FILES:
+        with open(os.path.join(package, name), "rb") as f:
+            assert (minicpm / name).read_bytes() == f.read()
+    assert json.loads((minicpm / "config.json").read_text()) == {"auto_map": AUTO_MAP, "model_type": "minicpm"}
+    assert os.listdir(llama) == ["config.json"]
+    assert json.loads((llama / "config.json").read_text())["auto_map"] == {"AutoModelForCausalLM": "remote.Model"}
+    ship_model_code(str(tmp_path))  # an adapter folder (no config.json): nothing to do
+    assert sorted(os.listdir(tmp_path)) == ["llama", "minicpm"]
