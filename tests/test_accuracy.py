@@ -76,6 +76,7 @@ LABELLED = [("你好", "你好，有什么可以帮你的吗？", "蕴含"), ("�
             ("推荐一条裙子", "这款连衣裙显瘦又文艺。", "矛盾")]
 
 
+@pytest.mark.slow
 def test_label_task_reports_accuracy_during_training_and_on_the_test_set(tmp_path, tiny_model):
     records = [{"instruction": INSTRUCTION, "input": f"句子1：{a}\n句子2：{b}", "output": label}
                for a, b, label in LABELLED]

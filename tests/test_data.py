@@ -182,6 +182,7 @@ def test_sharegpt_role_content_variant_and_tools_as_json_text():
         {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]}
 
 
+@pytest.mark.slow
 def test_a_template_that_cannot_render_tools_is_refused_before_training(tmp_path, tiny_model):
     path = write_jsonl(tmp_path / "tools.jsonl", [FORMATS["conversation"].example])
     result = run(["python", "-m", "minicpm_finetune.data", "--tokenizer", tiny_model, "--data", path])
@@ -403,6 +404,7 @@ def test_tokenized_cache_key_is_data_tokenizer_template_and_length(tmp_path, tin
 # --------------------------------------------------------------------------- preview command
 
 
+@pytest.mark.slow
 def test_preview_command_prints_counts_masks_and_dumps(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": MULTI_TURN}])
     dump = tmp_path / "dump.jsonl"
@@ -417,6 +419,7 @@ def test_preview_command_prints_counts_masks_and_dumps(tmp_path, tiny_model):
     assert rows == [{"input_ids": expected["input_ids"], "labels": expected["labels"]}]
 
 
+@pytest.mark.slow
 def test_preview_command_reports_bad_data_in_one_line(tmp_path, tiny_model):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")

@@ -14,6 +14,8 @@ import torch
 
 from conftest import ROOT, free_port, run
 
+pytestmark = pytest.mark.slow  # the demo scripts, end to end
+
 EXPECTED = ("tokenizer_config.json", "chat_template.jinja", "trainer_state.json", "training_args.bin",
             "test_metrics.json", "test_predictions.jsonl", "training_curves.png")
 

@@ -87,6 +87,7 @@ def test_llama_export_cli_writes_equivalent_llama_folder(tmp_path, tied):
 # ---------------------------------------------------------------- merge
 
 
+@pytest.mark.slow
 def test_merge_cli_gives_base_plus_adapter_logits(adapter_dir, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     expected = PeftModel.from_pretrained(base, adapter_dir).eval()(random_ids(2, 12)).logits
@@ -167,6 +168,7 @@ def test_bad_arguments_give_one_line_and_status_2(adapter_dir, tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_argument_has_no_traceback(tmp_path):
     result = run_cli("merge", "--adapter", tmp_path / "nowhere", "--output_dir", tmp_path / "out")
     assert result.returncode == 2

@@ -92,6 +92,7 @@ BAD_RECORD_IDS = ["malformed_json", "non_string_content", "wrong_format", "unkno
                   "not_utf8"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, problem", BAD_RECORDS, ids=BAD_RECORD_IDS)
 def test_bad_record_is_named_with_file_and_line(bad_data_run, where, problem):
     folder, out, result = bad_data_run
@@ -102,6 +103,7 @@ def test_bad_record_is_named_with_file_and_line(bad_data_run, where, problem):
     assert str(folder) in line
 
 
+@pytest.mark.slow
 def test_all_files_checked_in_one_pass_first_20_listed(bad_data_run):
     _, out, result = bad_data_run
     assert_clean_failure(result, out)
@@ -114,6 +116,7 @@ def test_all_files_checked_in_one_pass_first_20_listed(bad_data_run):
     assert "train.jsonl:1:" not in result.stderr  # the good record is not flagged
 
 
+@pytest.mark.slow
 def test_unreadable_files_stop_even_with_skip(tmp_path, tiny_model):
     """Empty file and malformed JSON array: whole files, never skipped."""
     (tmp_path / "train.jsonl").write_text("\n  \n", encoding="utf-8")
@@ -126,6 +129,7 @@ def test_unreadable_files_stop_even_with_skip(tmp_path, tiny_model):
     assert f"{tmp_path}/dev.json:3: malformed JSON array" in result.stderr
 
 
+@pytest.mark.slow
 def test_skip_bad_samples_counts_duplicates_and_train_as_validation(tmp_path, tiny_model):
     records = [conversation(q, a) for q, a in QA]
     train = write_jsonl(tmp_path / "train.jsonl", records + records[:2] + [bad_line(0), {"messages": []}])
@@ -289,6 +293,7 @@ def step_losses(folder):
         return {entry["step"]: entry["loss"] for entry in json.load(f)["log_history"] if "loss" in entry}
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reaches_the_same_weights_and_losses(tmp_path, tiny_model, data_dir):
     """SIGKILL after a checkpoint, add half-written checkpoints, resume with `true`: same result as no crash."""
     train = write_jsonl(tmp_path / "train.jsonl", [conversation(q, a) for q, a in QA] * 4)
@@ -332,6 +337,7 @@ def test_kill_and_resume_reaches_the_same_weights_and_losses(tmp_path, tiny_mode
 # --------------------------------------------------------------------------- 4. numerical faults
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     """The fault comes from the model: the embeddings of '☃' are inf; the 5th sample (in order) has one."""
     import torch
@@ -571,6 +577,7 @@ def two_runs_at_once(tmp_path_factory, tiny_model, data_dir):
     return out, results
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_folder_one_trains_the_other_stops_in_one_line(two_runs_at_once):
     out, results = two_runs_at_once
     assert sorted(r.returncode for r in results) == [0, 2], [r.stderr for r in results]
@@ -590,6 +597,7 @@ def test_two_runs_into_one_folder_one_trains_the_other_stops_in_one_line(two_run
     assert PeftConfig.from_pretrained(str(out)).r == 8
 
 
+@pytest.mark.slow
 def test_a_locked_folder_is_refused_before_loading(tmp_path, tiny_model, data_dir):
     from minicpm_finetune.outputs import lock_output_dir
 
@@ -603,6 +611,7 @@ def test_a_locked_folder_is_refused_before_loading(tmp_path, tiny_model, data_di
     assert result.stdout == "" and os.listdir(out) == [".finetune.lock"]
 
 
+@pytest.mark.slow
 def test_a_folder_holding_another_run_is_refused_and_overwrite_replaces_it(two_runs_at_once, tiny_model, data_dir):
     """LoRA run in the folder: the same command again, a full run resuming from it, a LoRA run with another rank
     are refused (one line, before loading, nothing touched); --overwrite_output_dir replaces it whole."""
@@ -643,6 +652,7 @@ def limited_file_size(limit):
     return apply
 
 
+@pytest.mark.slow
 def test_a_failed_final_save_leaves_no_config_beside_partial_weights(tmp_path, tiny_model, data_dir):
     """The final save cannot write the weights (the file-size limit is below their size): one line, exit 2, and
     the folder holds no config.json or weights (a loader would take them for a model)."""
@@ -658,6 +668,7 @@ def test_a_failed_final_save_leaves_no_config_beside_partial_weights(tmp_path, t
     assert not {"config.json", "model.safetensors", "adapter_config.json"} & set(os.listdir(out))
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint_keeps_the_last_one_and_says_how_to_resume(tmp_path, tiny_model, data_dir):
     """A small tmpfs holds one checkpoint and not two: one line naming the kept checkpoint, no traceback."""
     disk = tmp_path / "disk"
@@ -676,6 +687,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_one_and_says_how_to_resume
         subprocess.run(["umount", str(disk)], check=True)
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, tiny_model, data_dir):
     out = tmp_path / "out"
     command = short_run(tiny_model, data_dir, out, "--max_steps", 400, "--save_steps", 1, "--save_total_limit", 2)
@@ -705,6 +717,7 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, tiny_model, data_
 # --------------------------------------------------------------------------- 9. inference and export: paths, encodings
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, message", [("a_file/predictions.jsonl", "a_file is a file, not a folder"),
                                             (".", "is a folder, not a file")])
 def test_inference_checks_its_output_path_before_loading(tmp_path, tiny_model, data_dir, where, message):
@@ -718,6 +731,7 @@ def test_inference_checks_its_output_path_before_loading(tmp_path, tiny_model, d
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_an_empty_model_folder_is_one_line_in_inference_and_preview(tmp_path, data_dir):
     empty = tmp_path / "model"
     empty.mkdir()
@@ -732,6 +746,7 @@ def test_an_empty_model_folder_is_one_line_in_inference_and_preview(tmp_path, da
                                            "(tokenizer.json, tokenizer.model or tokenizer_config.json)"]
 
 
+@pytest.mark.slow
 def test_inference_takes_non_utf8_text_with_one_line(tiny_model):
     prompt = run_bytes([sys.executable, "inference.py", "--model_name_or_path", tiny_model, "--prompt", b"a\xffb"])
     assert prompt.returncode == 2
@@ -789,6 +804,7 @@ BAD_SETTINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, env, message", BAD_SETTINGS,
                          ids=[f"{script.split('_')[0]}-{next(iter(env))}={next(iter(env.values()))}"
                               for script, env, _ in BAD_SETTINGS])
@@ -802,6 +818,7 @@ def test_scripts_refuse_a_bad_setting_in_one_line(tmp_path, script, env, message
 # --------------------------------------------------------------------------- 11. the data preview command
 
 
+@pytest.mark.slow
 def test_preview_uses_the_template_training_uses_and_reads_bad_files_in_one_line(tmp_path, tiny_model, data_dir):
     """A tokenizer without a chat template: the model type decides (MiniCPM3: ChatML), in the preview as in
     training. An unreadable file (an I/O error) and a bad record are one line and exit 2."""

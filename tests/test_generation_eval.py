@@ -90,6 +90,7 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_lora_training_logs_generation_metrics(tiny_model, data_dir, tmp_path):
     out = tmp_path / "run"
     result = run([sys.executable, "finetune.py", *finetune_args(
@@ -115,6 +116,7 @@ def test_lora_training_logs_generation_metrics(tiny_model, data_dir, tmp_path):
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_eval_generation_can_be_turned_off(tiny_model, data_dir, tmp_path):
     out = tmp_path / "run"
     result = run([sys.executable, "finetune.py", *finetune_args(
@@ -128,6 +130,7 @@ def test_eval_generation_can_be_turned_off(tiny_model, data_dir, tmp_path):
     assert not (out / "test_predictions.jsonl").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not __import__("shutil").which("deepspeed"), reason="deepspeed launcher not installed")
 def test_zero3_two_processes_match_single_process_generation(tiny_model, data_dir, tmp_path):
     """Under ZeRO-3 in two processes, with an odd sample count (one rank pads its share), the predictions

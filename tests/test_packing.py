@@ -187,6 +187,7 @@ def train_args(tiny_model, data_dir, tmp_path, *extra):
             "--use_cpu", "--report_to", "none", "--model_max_length", "64", *extra]
 
 
+@pytest.mark.slow
 def test_finetune_with_packing_trains(tiny_model, data_dir, tmp_path, capsys):
     import finetune
 
@@ -203,6 +204,7 @@ def test_finetune_with_packing_trains(tiny_model, data_dir, tmp_path, capsys):
     assert os.path.isfile(tmp_path / "out" / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_bf16_lora_keeps_adapters_in_fp32(tiny_model, data_dir, tmp_path):
     from minicpm_finetune.arguments import parse_args
     from minicpm_finetune.model import load_model
@@ -217,6 +219,7 @@ def test_bf16_lora_keeps_adapters_in_fp32(tiny_model, data_dir, tmp_path):
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in base.values())
 
 
+@pytest.mark.slow
 def test_qlora_trains_with_packing_and_checkpointing(data_dir, tmp_path):
     """--qlora --packing --activation_checkpointing through finetune.py on the CPU (bitsandbytes' CPU
     backend): q/v are 4-bit NF4 under fp32 LoRA adapters, only the adapters train, the loss goes down, and
