@@ -204,7 +204,6 @@ def test_finetune_with_packing_trains(tiny_model, data_dir, tmp_path, capsys):
     assert os.path.isfile(tmp_path / "out" / "adapter_model.safetensors")
 
 
-@pytest.mark.slow
 def test_bf16_lora_keeps_adapters_in_fp32(tiny_model, data_dir, tmp_path):
     from minicpm_finetune.arguments import parse_args
     from minicpm_finetune.model import load_model
