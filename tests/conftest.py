@@ -1,4 +1,12 @@
-"""Shared fixtures: a tiny MiniCPM + tokenizer built once per test session, and small data files."""
+"""Shared fixtures: a tiny MiniCPM + tokenizer built once per test session, small data files, and random
+models without a tokenizer (random_minicpm, on the package's tiny config).
+
+Tiers: a test that trains through a Trainer (SFT or DPO, LoRA, QLoRA or full), starts several processes
+(DeepSpeed, torch.distributed), runs a command in a subprocess (each pays for importing torch and
+transformers again), executes the notebook, a benchmark, a demo script or a pip install is marked
+``@pytest.mark.slow``. Everything else calls the code in this process on tiny inputs and must stay quick:
+``python -m pytest tests -q -m "not slow"`` runs those alone; CI runs everything.
+"""
 
 import json
 import os
