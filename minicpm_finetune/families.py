@@ -84,7 +84,10 @@ def family_of(config_or_model_type) -> ModelFamily:
 
 
 def note(config) -> str | None:
-    """One line for the start of a run when the family lacks something or is not in the table; else None."""
+    """One line for the start of a run when the family lacks something or is not in the table; else None
+    (also when the config could not be read)."""
+    if config is None:
+        return None
     family = family_of(config)
     if family is UNKNOWN_FAMILY:
         return (f"note: model_type '{config.model_type}' is not in the model-family table (families.py); "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .families import family_of, note
+from .families import family_of
 from .templates import apply_template, resolve_chat_template
 
 
@@ -62,9 +62,6 @@ def load_model(model_args, training_args):
         **(qlora_kwargs(dtype, training_args.device) if qlora else {}),
     )
     model.config.use_cache = False  # the KV cache is for generation, not training
-    family_note = note(model.config)  # e.g. a family without the chunked loss, or one the table does not know
-    if family_note and training_args.process_index == 0:
-        print(family_note)
     if qlora:
         from peft import prepare_model_for_kbit_training
 

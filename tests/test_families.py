@@ -4,8 +4,6 @@ with the defaults and says so in one note."""
 
 import json
 import os
-import shutil
-import types
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ import finetune
 from minicpm_finetune.arguments import ArgumentError, check_liger
 from minicpm_finetune.export import main as export_main
 from minicpm_finetune.families import FAMILIES, UNKNOWN_FAMILY, family_of, note
-from minicpm_finetune.model import compile_decoder_layers, load_model
+from minicpm_finetune.model import compile_decoder_layers
 from minicpm_finetune.portable import ship_model_code
 from minicpm_finetune.templates import (CHATML_TEMPLATE, MINICPM_TEMPLATE, TEMPLATES, apply_template,
                                         end_of_turn_token, resolve_chat_template)
@@ -155,30 +153,10 @@ def test_notes_say_what_a_family_lacks():
         "minicpm when the tokenizer has none, LoRA targets q_proj,v_proj, loss from full logits (no chunked loss)")
 
 
-def save_tiny(config, folder, tokenizer_source=None):
+def save_tiny(config, folder):
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    if tokenizer_source:
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(os.path.join(tokenizer_source, name), folder)
     return str(folder)
-
-
-def model_settings(folder, use_lora=False):
-    model_args = types.SimpleNamespace(model_name_or_path=folder, attn_implementation=None, trust_remote_code=False,
-                                       use_lora=use_lora, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                                       lora_target_modules=None)
-    training_args = types.SimpleNamespace(bf16=False, fp16=False, activation_checkpointing=False, process_index=0,
-                                          device="cpu")
-    return model_args, training_args
-
-
-@pytest.mark.parametrize("model_type", ["minicpm", "minicpm3"])
-def test_loading_a_model_prints_the_family_note(model_type, tmp_path, capsys):
-    folder = save_tiny(TINY_CONFIGS[model_type](), tmp_path / model_type)
-    load_model(*model_settings(folder))
-    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
-    assert notes == ([] if model_type == "minicpm" else [note(TINY_CONFIGS[model_type]())])
 
 
 @pytest.mark.parametrize("model_type", ["minicpm3", "llama"])
@@ -223,16 +201,23 @@ def test_liger_is_left_to_its_own_rules_for_llama():
 # ------------------------------------------------------------------------------ a model type the table does not know
 
 
-def test_an_unknown_model_type_trains_with_the_defaults_and_one_note(tmp_path, tiny_model, data_dir, capsys):
-    """A tiny Qwen2 with the test tokenizer, its chat template removed: LoRA training works with the defaults
-    (the minicpm template, q_proj/v_proj), and the run says which defaults it took, once."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    folder = save_tiny(Qwen2Config(**dict(SMALL, vocab_size=len(tokenizer)), num_key_value_heads=2,
-                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
-                       tmp_path / "qwen2")
+@pytest.mark.parametrize("model_type", ["minicpm", "minicpm3", sorted(UNKNOWN_CONFIGS)[0]])
+def test_a_run_trains_with_the_family_defaults_and_one_note(model_type, tmp_path, tiny_model, tiny_chatml_model,
+                                                            data_dir, capsys):
+    """A tiny model of the family (for a type the table does not know, transformers' own config class) with the
+    test tokenizer, its chat template removed: LoRA training works with the family's template and LoRA targets,
+    and the run says once, at its start, what the family lacks (MiniCPM3: the chunked loss) or which defaults it
+    took (an unknown type); the native MiniCPM says nothing."""
+    template, targets, _ = EXPECTED[model_type]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chatml_model if template == CHATML_TEMPLATE else tiny_model)
+    config = ALL_CONFIGS[model_type]()
+    config.vocab_size, config.bos_token_id, config.eos_token_id = (len(tokenizer), tokenizer.bos_token_id,
+                                                                   tokenizer.eos_token_id)
+    folder = save_tiny(config, tmp_path / model_type)
     tokenizer.chat_template = None
     tokenizer.save_pretrained(folder)
     assert AutoTokenizer.from_pretrained(folder).chat_template is None
+    capsys.readouterr()
     output_dir = tmp_path / "out"
     trainer = finetune.main([
         "--model_name_or_path", folder, "--train_data_path", str(data_dir / "train.jsonl"),
@@ -240,13 +225,20 @@ def test_an_unknown_model_type_trains_with_the_defaults_and_one_note(tmp_path, t
         "--use_lora", "--learning_rate", "2e-2", "--per_device_train_batch_size", "8", "--max_steps", "12",
         "--logging_steps", "4", "--eval_strategy", "no", "--save_strategy", "no", "--eval_generation", "false",
         "--disable_tqdm", "true", "--seed", "0"])
-    out = capsys.readouterr().out
-    assert [line for line in out.splitlines() if line.startswith("note: model_type")] == [
-        "note: model_type 'qwen2' is not in the model-family table (families.py); using defaults: chat template "
-        "minicpm when the tokenizer has none, LoRA targets q_proj,v_proj, loss from full logits (no chunked loss)"]
-    assert trainer.processing_class.chat_template == MINICPM_TEMPLATE
+    lines = capsys.readouterr().out.splitlines()
+    expected_note = note(config)
+    assert [line for line in lines if line.startswith("note: ") and "chunked loss" in line] == (
+        [expected_note] if expected_note else [])
+    if expected_note:
+        assert lines[0] == expected_note  # at the start, before the data summary
+    if model_type in UNKNOWN_CONFIGS:
+        assert expected_note == (
+            f"note: model_type '{model_type}' is not in the model-family table (families.py); using defaults: chat "
+            "template minicpm when the tokenizer has none, LoRA targets q_proj,v_proj, loss from full logits (no "
+            "chunked loss)")
+    assert trainer.processing_class.chat_template == template
     adapter = json.loads((output_dir / "adapter_config.json").read_text())
-    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    assert sorted(adapter["target_modules"]) == sorted(targets)
     with open(output_dir / "trainer_state.json") as f:
         train_losses = [e["loss"] for e in json.load(f)["log_history"] if "loss" in e]
     assert train_losses[-1] < train_losses[0], train_losses
