@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .families import family_of
+
 MINICPM_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -118,8 +120,6 @@ def resolve_chat_template(tokenizer, model_type: str | None = None, override: st
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, str) and own:
         return MINICPM_TEMPLATE if "<用户>" in own else own
-    from .families import family_of
-
     return TEMPLATES[family_of(model_type).chat_template].text
 
 
