@@ -70,7 +70,9 @@ FAMILIES = {family.model_type: family for family in (
     ModelFamily("llama", "Llama-format MiniCPM, MiniCPM5", chat_template="minicpm"),
 )}
 
-# Any other model type: Llama-like defaults (its tokenizer's own template first, as for every family).
+# Any other model type: Llama-like defaults. The tokenizer's own template comes first, as for every family; without
+# one, minicpm, whose markers are plain text and whose replies end with eos, works with any tokenizer (ChatML needs
+# <|im_start|> and <|im_end|> as special tokens, which most vocabularies lack).
 UNKNOWN_FAMILY = ModelFamily("", "an unknown family", chat_template="minicpm")
 
 
