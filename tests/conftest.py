@@ -14,6 +14,9 @@ import socket
 import subprocess
 
 import pytest
+from transformers import LlamaConfig, MiniCPM3Config
+
+from minicpm_finetune.tiny import tiny_config
 
 # The package is imported as installed (pip install -e .), or from the repository root, which
 # `python -m pytest` puts on sys.path.
@@ -71,6 +74,14 @@ def tiny_chatml_model(tmp_path_factory, data_dir):
 
 # Random models without a tokenizer use token ids below VOCAB: 0 pad, 1 BOS, 2 EOS, the rest ordinary.
 VOCAB = 300
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+# A tiny config of every family in the table (families.FAMILIES): adding a family adds one here.
+TINY_CONFIGS = {
+    "minicpm": lambda: tiny_config(VOCAB),
+    "minicpm3": lambda: MiniCPM3Config(**SMALL, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+                                       qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16),
+    "llama": lambda: LlamaConfig(**SMALL, num_key_value_heads=2),
+}
 
 
 def random_minicpm(tied=True, seed=0, **overrides):
@@ -78,7 +89,6 @@ def random_minicpm(tied=True, seed=0, **overrides):
     import torch
 
     from minicpm_finetune.modeling_minicpm import MiniCPMForCausalLM
-    from minicpm_finetune.tiny import tiny_config
 
     settings = dict(intermediate_size=128, num_hidden_layers=3, max_position_embeddings=256, pad_token_id=0,
                     tie_word_embeddings=tied)

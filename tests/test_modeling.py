@@ -8,15 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-from conftest import VOCAB, random_ids, random_minicpm
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+from conftest import TINY_CONFIGS, VOCAB, random_ids, random_minicpm
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import minicpm_finetune  # noqa: F401  registers model_type "minicpm"
 from minicpm_finetune.configuration_minicpm import MiniCPMConfig
 from minicpm_finetune.export import fold_into_llama
+from minicpm_finetune.families import family_of
 from minicpm_finetune.loss import causal_lm_loss
-from minicpm_finetune.modeling_minicpm import MiniCPMForCausalLM, default_lora_target_modules
+from minicpm_finetune.modeling_minicpm import MiniCPMForCausalLM
 from minicpm_finetune.tiny import tiny_config
 
 
@@ -158,27 +159,17 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_llama_and_minicpm3_folders_load_through_auto_class(tmp_path):
-    from transformers import MiniCPM3Config
-
-    llama = LlamaForCausalLM(
-        LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2)
-    )
+    llama = LlamaForCausalLM(TINY_CONFIGS["llama"]())
     llama.save_pretrained(tmp_path / "llama")
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "llama")) is LlamaForCausalLM
 
-    minicpm3_config = MiniCPM3Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-        v_head_dim=16,
-    )
-    AutoModelForCausalLM.from_config(minicpm3_config).save_pretrained(tmp_path / "minicpm3")
+    AutoModelForCausalLM.from_config(TINY_CONFIGS["minicpm3"]()).save_pretrained(tmp_path / "minicpm3")
     minicpm3 = AutoModelForCausalLM.from_pretrained(tmp_path / "minicpm3")
     assert minicpm3.config.model_type == "minicpm3"
     module_names = {name.rsplit(".", 1)[-1] for name, _ in minicpm3.named_modules()}
-    assert set(default_lora_target_modules(minicpm3)) <= module_names
-    assert default_lora_target_modules(llama.config) == ["q_proj", "v_proj"]
-    assert default_lora_target_modules(tiny_config(VOCAB)) == ["q_proj", "v_proj"]
+    assert set(family_of(minicpm3).lora_targets(minicpm3.config)) <= module_names
+    assert family_of(llama).lora_targets(llama.config) == ["q_proj", "v_proj"]
+    assert family_of(tiny_config(VOCAB)).lora_targets(tiny_config(VOCAB)) == ["q_proj", "v_proj"]
 
 
 # ---------------------------------------------------------------- attention

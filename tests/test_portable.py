@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finetune
 from minicpm_finetune.export import main as export_main
-from minicpm_finetune.portable import AUTO_MAP, MODEL_CODE_FILES
+from minicpm_finetune.families import FAMILIES
 from minicpm_finetune.templates import MINICPM_TEMPLATE
 from minicpm_finetune.tiny import MINICPM_2B_TEMPLATE, build_tokenizer, tiny_config
 
@@ -171,10 +171,11 @@ def test_model_folders_load_without_the_package(outputs, name, tmp_path):
     with open(folder / "config.json", encoding="utf-8") as f:
         config = json.load(f)
     assert OFFICIAL_FIELDS <= set(config), OFFICIAL_FIELDS - set(config)
-    assert config["auto_map"] == AUTO_MAP and config["architectures"] == ["MiniCPMForCausalLM"]
+    minicpm = FAMILIES["minicpm"]
+    assert config["auto_map"] == minicpm.native and config["architectures"] == ["MiniCPMForCausalLM"]
     assert config["rope_theta"] == 10000.0 and config["rope_scaling"] is None
     package = os.path.join(ROOT, "minicpm_finetune")
-    for code in MODEL_CODE_FILES:
+    for code in minicpm.code_files:
         with open(folder / code, "rb") as shipped, open(os.path.join(package, code), "rb") as source:
             assert shipped.read() == source.read()
 
@@ -295,22 +296,3 @@ def test_copy_tokenizer_replaces_the_saved_one_and_records_template_and_pad_toke
     assert (plain / "tokenizer_config.json").read_bytes() == (source / "tokenizer_config.json").read_bytes()
     assert (plain / "chat_template.jinja").read_text() == "base's"
 
-
-def test_model_code_ships_with_minicpm_folders_only(tmp_path):
-    from minicpm_finetune.portable import ship_model_code
-
-    minicpm, llama = tmp_path / "minicpm", tmp_path / "llama"
-    for folder, model_type in ((minicpm, "minicpm"), (llama, "llama")):
-        folder.mkdir()
-        (folder / "config.json").write_text(json.dumps({"model_type": model_type,
-                                                        "auto_map": {"AutoModelForCausalLM": "remote.Model"}}))
-        ship_model_code(str(folder))
-    package = os.path.join(ROOT, "minicpm_finetune")
-    for name in MODEL_CODE_FILES:
-        with open(os.path.join(package, name), "rb") as f:
-            assert (minicpm / name).read_bytes() == f.read()
-    assert json.loads((minicpm / "config.json").read_text()) == {"auto_map": AUTO_MAP, "model_type": "minicpm"}
-    assert os.listdir(llama) == ["config.json"]
-    assert json.loads((llama / "config.json").read_text())["auto_map"] == {"AutoModelForCausalLM": "remote.Model"}
-    ship_model_code(str(tmp_path))  # an adapter folder (no config.json): nothing to do
-    assert sorted(os.listdir(tmp_path)) == ["llama", "minicpm"]
