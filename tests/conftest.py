@@ -14,15 +14,17 @@ import socket
 import subprocess
 
 import pytest
-from transformers import LlamaConfig, MiniCPM3Config
 
-from minicpm_finetune.tiny import tiny_config
-
-# The package is imported as installed (pip install -e .), or from the repository root, which
-# `python -m pytest` puts on sys.path.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests use only local folders; never wait on the network
+
+# Imported after the settings above (huggingface_hub reads them on import), as installed (pip install -e .)
+# or from the repository root, which `python -m pytest` puts on sys.path; the package before transformers,
+# so that its logging and warning filters are in place.
+import minicpm_finetune  # noqa: E402,F401
+from minicpm_finetune.tiny import tiny_config  # noqa: E402
+from transformers import LlamaConfig, MiniCPM3Config  # noqa: E402
 
 # A small learnable data set: every question has one fixed answer.
 QA = [
