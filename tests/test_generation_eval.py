@@ -9,7 +9,7 @@ from conftest import run
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from minicpm_finetune.data import IGNORE_INDEX
-from minicpm_finetune.generation import generate_replies
+from minicpm_finetune.generation import generate_replies, generation_kwargs
 from minicpm_finetune.prompts import eval_samples, stop_token_ids
 
 METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
@@ -27,6 +27,13 @@ def test_eval_samples_last_turn_and_every_turn():
         ([SYSTEM, U1, A1, U2], "这款连衣裙显瘦。"),
         ([U2], "这款连衣裙显瘦。"),
     ]
+
+
+def test_sampling_knobs_go_to_generate_only_when_sampling():
+    """generate() warns about temperature/top_p under greedy or beam search: they are passed only with do_sample."""
+    assert generation_kwargs(num_beams=2, temperature=0.7, top_p=0.9) == {"num_beams": 2, "do_sample": False}
+    assert generation_kwargs(do_sample=True, temperature=0.7, top_p=0.9) == {
+        "num_beams": 1, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
 
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny_model):
