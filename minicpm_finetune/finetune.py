@@ -18,6 +18,7 @@ from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, set_seed
 from minicpm_finetune.arguments import ArgumentError, parse_args, read_model_config, run_settings
 from minicpm_finetune.curves import plot_training_curves
 from minicpm_finetune.data import IGNORE_INDEX, DataError, check_files, load_conversations, tokenize_dataset
+from minicpm_finetune.families import note
 from minicpm_finetune.generation import generation_kwargs
 from minicpm_finetune.metrics import parse_metric_names
 from minicpm_finetune.model import load_model, load_tokenizer
@@ -161,11 +162,15 @@ def main(argv=None):
     try:
         model_args, data_args, training_args = parse_args(argv)
         # The output folder: free, or this run's own to resume (outputs.py); rank 0 alone takes its lock.
-        settings = run_settings(model_args, read_model_config(model_args))
+        config = read_model_config(model_args)
+        settings = run_settings(model_args, config)
         check_output_dir(training_args.output_dir, settings, training_args.resume_from_checkpoint,
                          training_args.overwrite_output_dir, check_lock=training_args.process_index == 0)
     except (ArgumentError, OutputDirError) as e:
         fail(str(e))
+    family_note = note(config)  # a model family without the chunked loss, or one the table does not know
+    if family_note and training_args.process_index == 0:
+        print(family_note)
     set_seed(training_args.seed)
     if training_args.stage == "dpo":
         return train_preferences(model_args, data_args, training_args, settings)
