@@ -161,7 +161,7 @@ def read_samples(path: str, data_format: str, every_turn: bool):
     a file of prompts only, i.e. records of a training format without their final reply, gives
     references None."""
     from minicpm_finetune.data import DataError, check_file, example_of, load_conversations
-    from minicpm_finetune.generation import Prompt, eval_samples
+    from minicpm_finetune.prompts import Prompt, eval_samples
 
     check, prompts_only = check_file(path, data_format), False
     if check.problem_count:  # prompts only? The same records completed with a placeholder reply must pass.
@@ -191,7 +191,7 @@ def fit_file_prompts(tokenizer, samples, numbers, args) -> list[list[dict]]:
     """Every sample's prompt within --max_length (oldest exchanges dropped, noted); a prompt too long on its
     own stops everything before any generation, naming its record."""
     from minicpm_finetune.data import DataError
-    from minicpm_finetune.generation import PromptTooLong, fit_prompt
+    from minicpm_finetune.prompts import PromptTooLong, fit_prompt
 
     prompts, trimmed, too_long = [], [], []
     for (prompt, _), number in zip(samples, numbers):
@@ -217,8 +217,9 @@ def fit_file_prompts(tokenizer, samples, numbers, args) -> list[list[dict]]:
 
 def predict_file(model, tokenizer, args, gen_kwargs, samples, prompts) -> None:
     """Predictions for ``samples`` (written with their full input) from their fitted ``prompts``, and metrics."""
-    from minicpm_finetune.generation import generate_replies, save_metrics, save_predictions
+    from minicpm_finetune.generation import generate_replies
     from minicpm_finetune.metrics import compute_metrics
+    from minicpm_finetune.results import save_metrics, save_predictions
 
     predictions = generate_replies(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, **gen_kwargs)
     save_predictions(args.output_file, samples, predictions)
@@ -234,7 +235,8 @@ def predict_file(model, tokenizer, args, gen_kwargs, samples, prompts) -> None:
 
 def reply_to(model, tokenizer, messages, args, gen_kwargs, prefix: str = "") -> str:
     """Generate one reply and print it after ``prefix``: as it is generated unless --no_stream."""
-    from minicpm_finetune.generation import generate_replies, write_to_stdout
+    from minicpm_finetune.generation import generate_replies
+    from minicpm_finetune.prompts import write_to_stdout
 
     # transformers cannot stream beam search; its reply is printed whole.
     stream = not args.no_stream and args.num_beams == 1
@@ -249,7 +251,7 @@ def reply_to(model, tokenizer, messages, args, gen_kwargs, prefix: str = "") -> 
 def chat(model, tokenizer, args, gen_kwargs) -> int:
     """Multi-turn chat on stdin; also works with stdin a pipe (no prompts are shown then).
     Returns the exit status: 2 if a message was too long to send, else 0."""
-    from minicpm_finetune.generation import PromptTooLong, fit_prompt
+    from minicpm_finetune.prompts import PromptTooLong, fit_prompt
 
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
@@ -299,9 +301,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from minicpm_finetune.data import DataError
-    from minicpm_finetune.generation import PromptTooLong, context_limit, fit_prompt, generation_kwargs
+    from minicpm_finetune.generation import generation_kwargs
     from minicpm_finetune.metrics import parse_metric_names
     from minicpm_finetune.outputs import OutputDirError, check_output_path
+    from minicpm_finetune.prompts import PromptTooLong, context_limit, fit_prompt
 
     try:
         args.eval_metrics = parse_metric_names(args.eval_metrics)
