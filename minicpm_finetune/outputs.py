@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 
+from .cli import FinetuneError
 from .safety import CHECKPOINT_RE, checkpoint_step, is_complete_checkpoint
 
 LOCK_NAME = ".finetune.lock"
@@ -42,7 +43,7 @@ SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
 _held_locks = []  # open lock files: the lock lasts as long as the file stays open
 
 
-class OutputDirError(Exception):
+class OutputDirError(FinetuneError):
     """The output folder cannot take this run; the message says why and what to do."""
 
 

@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 
+from .cli import write_atomic
+
 # Files that make up a tokenizer. The first three mark a folder as holding one.
 TOKENIZER_FILES = (
     "tokenizer.model",
@@ -143,8 +145,6 @@ def ship_model_code(output_dir: str) -> None:
     for name in MODEL_CODE_FILES:
         shutil.copyfile(os.path.join(package, name), os.path.join(output_dir, name))
     config["auto_map"] = dict(AUTO_MAP)
-    from .data import write_atomic
-
     write_atomic(config_path, json.dumps(config, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
 
 

@@ -243,6 +243,7 @@ def test_samples_with_nothing_to_learn_are_skipped_and_counted(tokenizer):
 def test_latest_checkpoint_ignores_incomplete_ones(tmp_path):
     from transformers.trainer_utils import get_last_checkpoint
 
+    from minicpm_finetune.cli import ArgumentError
     from minicpm_finetune.safety import latest_checkpoint, resolve_resume
 
     import torch
@@ -273,7 +274,7 @@ def test_latest_checkpoint_ignores_incomplete_ones(tmp_path):
     assert [os.path.basename(p) for p in incomplete] == [f"checkpoint-{n}" for n in (16, 14, 12, 10, 8, 6)]
     assert resolve_resume("latest", str(tmp_path)) == resolve_resume("true", str(tmp_path)) == path
     assert resolve_resume(None, str(tmp_path)) is None and resolve_resume("false", str(tmp_path)) is None
-    with pytest.raises(ValueError, match="incomplete checkpoint"):
+    with pytest.raises(ArgumentError, match="incomplete checkpoint"):
         resolve_resume(str(tmp_path / "checkpoint-6"), str(tmp_path))
 
 
