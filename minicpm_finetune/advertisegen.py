@@ -26,8 +26,9 @@ SPLITS = ("train", "dev", "test")
 MAX_REPORTED = 20  # bad records listed in an error; the rest are only counted
 
 
-class AdvertiseGenDataError(DataError):
-    """Bad input records. ``problems`` holds one ``FILE:LINE: problem`` line per bad record."""
+class AdvertiseGenDataError(DataError, ValueError):
+    """Bad input records. ``problems`` holds one ``FILE:LINE: problem`` line per bad record. A ValueError too,
+    as convert_file has always promised its callers (like convert_record for one record)."""
 
     def __init__(self, path: str, problems: list[str]):
         self.path = path
@@ -132,7 +133,7 @@ def convert_file(src: str, dst: str, system: str | None = None, skip_bad: bool =
     """Convert one raw AdvertiseGen file (JSON Lines or JSON array) to conversation JSON Lines.
 
     Returns ``{"converted": n, "bad": k}``. By default any bad record raises
-    AdvertiseGenDataError (a DataError) listing the first 20 as ``FILE:LINE: problem`` lines,
+    AdvertiseGenDataError (a DataError and a ValueError) listing the first 20 as ``FILE:LINE: problem`` lines,
     and ``dst`` is left untouched. With ``skip_bad=True`` bad records are skipped, counted and
     logged as warnings. ``dst`` is written atomically, never half-written.
     """

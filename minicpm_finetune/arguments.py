@@ -40,8 +40,7 @@ class ModelArguments:
         "help": "comma-separated module names or all-linear (default: q_proj,v_proj for MiniCPM/Llama)"})
     qlora: bool = field(default=False, metadata={
         "help": "QLoRA: base weights in 4-bit NF4 (bitsandbytes; on the CPU bitsandbytes >= 0.50), LoRA adapter in "
-                "fp32; "
-                "implies --use_lora"})
+                "fp32; implies --use_lora"})
 
     def __post_init__(self):
         if self.qlora:  # QLoRA is LoRA over 4-bit weights: --qlora implies --use_lora

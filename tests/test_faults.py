@@ -767,7 +767,8 @@ def test_export_checks_its_output_path_before_loading(tmp_path, tiny_model, caps
     (tmp_path / "a_file").write_text("not a folder")
     source = ["--model", tiny_model] if command == "llama" else ["--adapter", str(adapter)]
     capsys.readouterr()  # the adapter's loading bars
-    assert export.main([command, *source, "--output_dir", str(tmp_path / where)]) == 2
+    with pytest.raises(SystemExit, match="^2$"):
+        export.main([command, *source, "--output_dir", str(tmp_path / where)])
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
