@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run, write_jsonl
+from conftest import ROOT, run
 from minicpm_finetune import cli
 from minicpm_finetune.cli import ArgumentError, FinetuneError, atomic_path, command, looks_local, write_atomic
 
@@ -118,7 +118,9 @@ def test_cli_is_import_light_and_answers_the_scripts_path_question(tmp_path):
 # Each command, given bad input, in-process: one line, exit status 2, no traceback.
 def bad_inputs(tmp_path):
     missing = str(tmp_path / "missing")
-    bad_data = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}])
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"messages": [}\n')
+    bad_data = str(bad_data)
     state = tmp_path / "run"
     state.mkdir()
     (state / "trainer_state.json").write_text("{not json")
@@ -126,8 +128,8 @@ def bad_inputs(tmp_path):
         "advertisegen": (["minicpm_finetune.advertisegen", missing, str(tmp_path / "out")],
                          f"error: no such file or directory: {missing}"),
         "curves": (["minicpm_finetune.curves", str(state)], f"error: {state / 'trainer_state.json'}: invalid JSON"),
-        "tiny": (["minicpm_finetune.tiny", "--output_dir", str(tmp_path / "tiny"), "--data", bad_data],
-                 f"error: {bad_data}"),
+        "tiny": (["minicpm_finetune.tiny", "--output_dir", str(tmp_path / "tiny"), "--data", bad_data,
+                  "--pretrain_steps", "0"], f"error: {bad_data}:1: malformed JSON"),
         "export": (["minicpm_finetune.export", "llama", "--model", missing, "--output_dir", str(tmp_path / "o")],
                    f"error: model folder not found: {missing}"),
         "inference": (["minicpm_finetune.inference", "--model_name_or_path", missing],
