@@ -89,8 +89,7 @@ def atomic_path(path: str, folder: bool = False):
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent) if folder else os.path.join(parent, prefix + "tmp")
     try:
         yield tmp
-        for file in _files_under(tmp):
-            _fsync(file)
+        flush_to_disk(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.isdir(tmp):
@@ -110,11 +109,14 @@ def write_atomic(path: str, text) -> None:
             f.writelines(text)
 
 
-def _files_under(path: str) -> list[str]:
-    if not os.path.isdir(path):
-        return [path] if os.path.isfile(path) else []
-    return [os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-            if not os.path.islink(os.path.join(root, name))]
+def flush_to_disk(path: str) -> None:
+    """fsync a file, or every file in a folder: written data is on disk before it is renamed into place."""
+    if os.path.isfile(path):
+        _fsync(path)
+    for root, _, names in os.walk(path):
+        for name in names:
+            if not os.path.islink(os.path.join(root, name)):
+                _fsync(os.path.join(root, name))
 
 
 def _fsync(path: str) -> None:

@@ -153,6 +153,8 @@ def start_distributed(training_args) -> None:
 
 @command  # the project's own errors (bad flags, data, output folder) end the run with one line, exit 2
 def main(argv=None):
+    """parse -> start distributed -> resolve the checkpoint to resume -> check the output folder -> data ->
+    model -> train (and save, evaluate); returns the trainer."""
     model_args, data_args, training_args = parse_args(argv)
     start_distributed(training_args)
     # "true"/"latest": the newest complete checkpoint-N in --output_dir
