@@ -15,5 +15,5 @@ GPU=${GPU:-0}  # which GPU to train on (DEVICE=cpu: the CPU)
 prepare_run
 echo "LoRA fine-tuning $MODEL_PATH on $DATA_DIR with $CONFIG -> $OUTPUT_DIR"
 
-CUDA_VISIBLE_DEVICES=$GPU python finetune.py "$CONFIG" "${FINETUNE_ARGS[@]}" "$@"
+CUDA_VISIBLE_DEVICES=$GPU python finetune.py "$CONFIG" "${FINETUNE_ARGS[@]}" "$(device_args)" "$@"
 echo "done: $OUTPUT_DIR"

@@ -30,5 +30,5 @@ fi
 echo "Full fine-tuning $MODEL_PATH on $DATA_DIR with $CONFIG and $DS_CONFIG -> $OUTPUT_DIR"
 
 # shellcheck disable=SC2086  # LAUNCHER_ARGS is a list of flags
-"${launcher[@]}" $LAUNCHER_ARGS finetune.py "$CONFIG" --deepspeed "$DS_CONFIG" "${FINETUNE_ARGS[@]}" "$@"
+"${launcher[@]}" $LAUNCHER_ARGS finetune.py "$CONFIG" --deepspeed "$DS_CONFIG" "${FINETUNE_ARGS[@]}" "$(device_args)" "$@"
 echo "done: $OUTPUT_DIR"

@@ -3,7 +3,8 @@
 The first argument may be a YAML or JSON config file of flag names and values (``python finetune.py
 configs/lora.yaml --learning_rate 1e-4``): its values come first and the flags after it override them.
 Impossible combinations are rejected here, in one line (ArgumentError), before any model is loaded: each
-group in its dataclass's ``__post_init__``, what spans groups in ``check_together``.
+group in its dataclass's ``__post_init__``, what spans groups in ``check_together``, what the model's
+config.json tells in ``check_against_model`` (called by finetune.main).
 """
 
 from __future__ import annotations
@@ -175,13 +176,13 @@ def check_training_arguments(training_args) -> None:
 
 
 def check_together(model_args, data_args, training_args) -> None:
-    """What needs flags of several groups, and what the model's config tells (no weights are loaded)."""
+    """What needs flags of several groups. (What the model's config tells is checked by finetune.main, after
+    the checkpoint to resume is known: check_against_model.)"""
     if model_args.qlora:
         check_qlora(training_args)
     if training_args.stage == "dpo":
         check_dpo(data_args, training_args)
     check_packages(model_args, training_args)
-    check_against_model(model_args, training_args, read_model_config(model_args))
 
 
 def check_numbers(training_args) -> None:

@@ -15,7 +15,7 @@ import sys
 import torch
 from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, set_seed
 
-from minicpm_finetune.arguments import parse_args, read_model_config, run_settings
+from minicpm_finetune.arguments import check_against_model, parse_args, read_model_config, run_settings
 from minicpm_finetune.cli import command, fail, load_error, print_error
 from minicpm_finetune.curves import plot_training_curves
 from minicpm_finetune.data import IGNORE_INDEX, DataError, check_files, load_conversations, tokenize_dataset
@@ -153,15 +153,17 @@ def start_distributed(training_args) -> None:
 
 @command  # the project's own errors (bad flags, data, output folder) end the run with one line, exit 2
 def main(argv=None):
-    """parse -> start distributed -> resolve the checkpoint to resume -> check the output folder -> data ->
-    model -> train (and save, evaluate); returns the trainer."""
+    """parse -> start distributed -> resolve the checkpoint to resume -> check the flags against the model's
+    config -> check the output folder -> data -> model -> train (and save, evaluate); returns the trainer."""
     model_args, data_args, training_args = parse_args(argv)
     start_distributed(training_args)
     # "true"/"latest": the newest complete checkpoint-N in --output_dir
     training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint,
                                                           training_args.output_dir)
+    config = read_model_config(model_args)  # config.json alone, no weights (None: a hub id offline, remote code)
+    check_against_model(model_args, training_args, config)
     # The output folder: free, or this run's own to resume (outputs.py); rank 0 alone takes its lock.
-    settings = run_settings(model_args, read_model_config(model_args))
+    settings = run_settings(model_args, config)
     check_output_dir(training_args.output_dir, settings, training_args.resume_from_checkpoint,
                      training_args.overwrite_output_dir, check_lock=training_args.process_index == 0)
     set_seed(training_args.seed)

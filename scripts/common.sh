@@ -33,7 +33,7 @@ set_defaults() {
 
 # Checks the settings and the paths both scripts take: CONFIG, MODEL_PATH (a folder, or a hub id: the package's
 # own rule, its file run alone so that transformers is not imported for it) and DATA_DIR; then sets
-# FINETUNE_ARGS, the flags both pass to finetune.py after CONFIG.
+# FINETUNE_ARGS, the flags both pass to finetune.py after CONFIG (and before the device's: device_args).
 prepare_run() {
   check_settings
   [[ -f "$CONFIG" ]] || die "CONFIG $CONFIG: file not found"
@@ -41,7 +41,7 @@ prepare_run() {
   find_data_files "$DATA_DIR"
   FINETUNE_ARGS=(--model_name_or_path "$MODEL_PATH" --train_data_path "$TRAIN_FILE" --eval_data_path "$EVAL_FILE"
                  ${TEST_FILE:+--test_data_path "$TEST_FILE"} --output_dir "$OUTPUT_DIR"
-                 ${MODEL_MAX_LENGTH:+--model_max_length "$MODEL_MAX_LENGTH"} "$(device_args)")
+                 ${MODEL_MAX_LENGTH:+--model_max_length "$MODEL_MAX_LENGTH"})
 }
 
 # Sets TRAIN_FILE, EVAL_FILE and (if present) TEST_FILE from DATA_DIR/{train,dev,test}.json[l].

@@ -524,12 +524,13 @@ def test_deepspeed_configs_use_dynamic_fp16_loss_scaling():
 def test_model_max_length_beyond_the_models_positions_is_a_warning(tiny_model, data_dir, tmp_path, capsys):
     from transformers import AutoConfig
 
-    from minicpm_finetune.arguments import parse_args
+    from minicpm_finetune.arguments import check_against_model, parse_args
 
     limit = AutoConfig.from_pretrained(tiny_model).max_position_embeddings
-    parse_args(["--model_name_or_path", tiny_model, "--train_data_path", str(data_dir / "train.jsonl"),
+    model_args, _, training_args = parse_args(["--model_name_or_path", tiny_model, "--train_data_path", str(data_dir / "train.jsonl"),
                 "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out"),
                 "--report_to", "none", "--use_cpu", "--model_max_length", str(limit + 1)])
+    check_against_model(model_args, training_args, AutoConfig.from_pretrained(tiny_model))  # finetune.main's step
     assert capsys.readouterr().out.splitlines() == [
         f"warning: --model_max_length {limit + 1} is beyond the model's {limit} positions; samples that long may "
         "train badly"]
