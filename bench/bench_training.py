@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from minicpm_finetune.data import IGNORE_INDEX
+from minicpm_finetune.families import family_of
 from minicpm_finetune.packing import PackingCollator, pack_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,8 +174,6 @@ def load_four_bit(folder: str, device: str, dtype: torch.dtype, attn: str):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def supports_chunked_loss(model) -> bool:
-    return hasattr(model, "loss_fused")  # the native MiniCPMForCausalLM
 
 
 def full_logits_loss(model, batch):
@@ -265,7 +264,7 @@ def run_recipe(recipe: Recipe, args, samples, dtype):
     else:
         model = build_model(args.model, args.device, dtype, args.attn)
         n_params = sum(p.numel() for p in model.parameters())
-    if chunked and not supports_chunked_loss(model):
+    if chunked and not family_of(model.config).chunked_loss:
         if sampler:
             sampler.__exit__(None, None, None)
         return {"recipe": label, "skipped": "the model has no chunked loss"}

@@ -1,7 +1,8 @@
 """minicpm-finetune: fine-tune MiniCPM models with LoRA or full-parameter DeepSpeed training.
 
-Importing the package registers the native MiniCPM implementation (``model_type: minicpm``)
-with transformers' Auto classes, so official checkpoints load without remote code.
+Importing the package registers the native implementations of the model-family table (families.py;
+MiniCPM-1/2/4, ``model_type: minicpm``) with transformers' Auto classes, so official checkpoints load
+without remote code.
 """
 
 import logging
@@ -21,14 +22,6 @@ logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to 
 # LoRA run that the user can do nothing about (our own code uses the activation_checkpointing names).
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
+from .families import register_native_classes  # noqa: E402
 
-from .configuration_minicpm import MiniCPMConfig  # noqa: E402
-from .modeling_minicpm import MiniCPMForCausalLM, MiniCPMModel  # noqa: E402
-
-# Registered classes whose module is outside `transformers.` count as "explicit local code" in
-# transformers 5: the Auto classes then use them even when config.json has an `auto_map` to remote
-# code, with trust_remote_code unset, False or True.
-AutoConfig.register(MiniCPMConfig.model_type, MiniCPMConfig, exist_ok=True)
-AutoModel.register(MiniCPMConfig, MiniCPMModel, exist_ok=True)
-AutoModelForCausalLM.register(MiniCPMConfig, MiniCPMForCausalLM, exist_ok=True)
+register_native_classes()

@@ -281,10 +281,14 @@ def check_against_model(model_args, training_args, config) -> None:
 def check_liger(config) -> None:
     """Liger patches only the model types it knows; for MiniCPM it would log a warning and do nothing.
     (The native MiniCPM here already computes its loss in chunks without full logits: loss.py.)"""
-    if config is not None and config.model_type.startswith("minicpm"):
+    from .families import family_of
+
+    family = family_of(config)
+    if config is not None and not family.liger_kernel:
+        done = ("the native model already computes the loss in chunks without full logits" if family.chunked_loss
+                else "the loss is computed from full logits")
         raise ArgumentError(f"--use_liger_kernel has no effect on {config.model_type} (Liger Kernel does not patch "
-                            "it; the native model already computes the loss in chunks without full logits): "
-                            "drop the flag")
+                            f"it; {done}): drop the flag")
     if not is_installed("liger_kernel"):
         raise ArgumentError("--use_liger_kernel needs liger-kernel: pip install liger-kernel")
 

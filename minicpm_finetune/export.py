@@ -32,6 +32,7 @@ import sys
 import torch
 
 from .cli import FinetuneError, OneLineParser, atomic_path, command, load_error, looks_local
+from .families import FAMILIES, family_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT_LEARNING_TYPES = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT"}
@@ -124,8 +125,9 @@ def export_llama(model_dir: str, output_dir: str, dtype: str | None = None) -> N
     _check_model_dir(model_dir)
     _check_output_dir(output_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type != "minicpm":
-        raise ExportError(f"expected a model_type 'minicpm' model, got '{config.model_type}': {model_dir}")
+    if not family_of(config).llama_export:
+        foldable = " or ".join(f"'{t}'" for t, family in FAMILIES.items() if family.llama_export)
+        raise ExportError(f"expected a model_type {foldable} model, got '{config.model_type}': {model_dir}")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype] if dtype else "auto")
     llama = fold_into_llama(model)
     del model
@@ -162,10 +164,10 @@ def _resolve_base(adapter_dir: str, base: str) -> str:
 
 
 def _copy_remote_code_or_drop_auto_map(model, base_dir: str, output_dir: str) -> None:
-    """Keep `auto_map` only when its code files can ship with the merged model (a minicpm model ships
-    ours instead: outputs.ship_model_code)."""
+    """Keep `auto_map` only when its code files can ship with the merged model (a family implemented here
+    ships ours instead: portable.ship_model_code)."""
     auto_map = getattr(model.config, "auto_map", None)
-    if not auto_map or model.config.model_type == "minicpm":
+    if not auto_map or family_of(model.config).native:
         return
     code_files = {ref.split("--")[-1].split(".")[0] + ".py" for ref in auto_map.values() if isinstance(ref, str)}
     if os.path.isdir(base_dir) and all(os.path.isfile(os.path.join(base_dir, name)) for name in code_files):

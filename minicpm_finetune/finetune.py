@@ -19,6 +19,7 @@ from minicpm_finetune.arguments import check_against_model, parse_args, read_mod
 from minicpm_finetune.cli import command, fail, load_error, print_error
 from minicpm_finetune.curves import plot_training_curves
 from minicpm_finetune.data import IGNORE_INDEX, DataError, check_files, load_conversations, tokenize_dataset
+from minicpm_finetune.families import note
 from minicpm_finetune.generation import eval_samples, generation_kwargs, save_metrics, save_predictions
 from minicpm_finetune.metrics import parse_metric_names
 from minicpm_finetune.model import load_model, load_tokenizer
@@ -166,6 +167,9 @@ def main(argv=None):
     settings = run_settings(model_args, config)
     check_output_dir(training_args.output_dir, settings, training_args.resume_from_checkpoint,
                      training_args.overwrite_output_dir, check_lock=training_args.process_index == 0)
+    family_note = note(config)  # a model family without the chunked loss, or one the table does not know
+    if family_note and training_args.process_index == 0:
+        print(family_note)
     set_seed(training_args.seed)
     if training_args.stage == "dpo":
         return train_preferences(model_args, data_args, training_args, settings)

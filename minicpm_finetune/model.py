@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from .families import family_of
 from .templates import apply_template, resolve_chat_template
 
 
@@ -31,9 +32,7 @@ def lora_target_modules(model_args, config) -> list[str] | str:
     if model_args.lora_target_modules:
         names = [n.strip() for n in model_args.lora_target_modules.split(",") if n.strip()]
         return "all-linear" if names == ["all-linear"] else names
-    from .modeling_minicpm import default_lora_target_modules
-
-    return default_lora_target_modules(config)
+    return family_of(config).lora_targets(config)
 
 
 def qlora_kwargs(compute_dtype: torch.dtype, device) -> dict:
@@ -100,9 +99,12 @@ def compile_decoder_layers(model, dynamic: bool | None = True) -> int:
     by a dynamic recompile. Works through a PEFT wrapper; compilation itself happens on the first call.
     """
     decoder = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(decoder.base_model, "layers", None)
+    path = family_of(decoder.config).decoder_layers
+    layers = decoder
+    for name in path.split("."):
+        layers = getattr(layers, name, None)
     if not layers:
-        raise ValueError(f"{type(decoder).__name__} has no decoder layers (model.layers) to compile")
+        raise ValueError(f"{type(decoder).__name__} has no decoder layers ({path}) to compile")
     for layer in layers:
         layer.compile(dynamic=dynamic)
     return len(layers)

@@ -344,25 +344,8 @@ class MiniCPMForCausalLM(MiniCPMPreTrainedModel, GenerationMixin):
         )
 
 
-def default_lora_target_modules(model_or_config) -> list[str]:
-    """LoRA target module names for a model (or its config).
-
-    MiniCPM / Llama layouts: the query and value projections, as in the original LoRA recipe.
-    MiniCPM3 (multi-head latent attention): the up-projections that produce the per-head queries
-    (``q_b_proj``, or ``q_proj`` when the config has no query low-rank) and the per-head keys and
-    values (``kv_b_proj``); the down-projections (``q_a_proj``, ``kv_a_proj_with_mqa``) are already
-    low-rank bottlenecks and also carry the shared RoPE key, so they are left alone.
-    """
-    config = getattr(model_or_config, "config", model_or_config)
-    if getattr(config, "model_type", None) == "minicpm3":
-        query_module = "q_b_proj" if getattr(config, "q_lora_rank", None) is not None else "q_proj"
-        return [query_module, "kv_b_proj"]
-    return ["q_proj", "v_proj"]
-
-
 __all__ = [
     "MiniCPMPreTrainedModel",
     "MiniCPMModel",
     "MiniCPMForCausalLM",
-    "default_lora_target_modules",
 ]

@@ -7,10 +7,11 @@
   MiniCPM-2B's ``legacy: true``, so the reloaded tokenizer puts a "▁" after every added token (Chinese
   punctuation in MiniCPM's vocabulary) differently, and llama.cpp, which reads MiniCPM vocabularies from
   ``tokenizer.model`` only, cannot convert the folder.
-- For a full or merged MiniCPM (``model_type: minicpm``): its own ``configuration_minicpm.py`` and
-  ``modeling_minicpm.py`` (with ``loss.py``, which it imports) and an ``auto_map`` in ``config.json``, the
-  layout of the official checkpoints, so ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)``
-  works where this package is not installed. Where it is imported, its registered native class is used.
+- For a full or merged model of a family implemented here (families.py; MiniCPM-1/2/4, ``model_type:
+  minicpm``): its own code, ``configuration_minicpm.py`` and ``modeling_minicpm.py`` (with ``loss.py``,
+  which it imports), and an ``auto_map`` in ``config.json``, the layout of the official checkpoints, so
+  ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` works where this package is not
+  installed. Where it is imported, its registered native class is used.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import shutil
 
 from .cli import write_atomic
+from .families import family_of
 
 # Files that make up a tokenizer. The first three mark a folder as holding one.
 TOKENIZER_FILES = (
@@ -37,16 +39,6 @@ TOKENIZER_FILES = (
     "tokenization_*.py",  # a tokenizer's own code, named by its config's auto_map
 )
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-
-# The model code shipped with a minicpm model folder: modeling_minicpm.py imports the other two relatively,
-# which transformers' dynamic module loader follows.
-MODEL_CODE_FILES = ("configuration_minicpm.py", "modeling_minicpm.py", "loss.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_minicpm.MiniCPMConfig",
-    "AutoModel": "modeling_minicpm.MiniCPMModel",
-    "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM",
-}
-
 
 def is_tokenizer_file(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in TOKENIZER_FILES)
@@ -131,20 +123,21 @@ def _update_tokenizer_config(path: str, chat_template: str | None, pad_token: st
 
 
 def ship_model_code(output_dir: str) -> None:
-    """Make a saved ``model_type: minicpm`` folder loadable without this package: copy the model code in
-    and point ``auto_map`` at it (replacing any auto_map of the base, whose remote code does not run on
-    transformers 5). Other folders (adapters, Llama layout) are left alone."""
+    """Make a saved model of a family implemented here (families.py: ``native``) loadable without this
+    package: copy its code in and point ``auto_map`` at it (replacing any auto_map of the base, whose remote
+    code does not run on transformers 5). Other folders (adapters, Llama layout) are left alone."""
     config_path = os.path.join(output_dir, "config.json")
     if not os.path.isfile(config_path):
         return
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
-    if config.get("model_type") != "minicpm":
+    family = family_of(config.get("model_type"))
+    if not family.native:
         return
     package = os.path.dirname(os.path.abspath(__file__))
-    for name in MODEL_CODE_FILES:
+    for name in family.code_files:
         shutil.copyfile(os.path.join(package, name), os.path.join(output_dir, name))
-    config["auto_map"] = dict(AUTO_MAP)
+    config["auto_map"] = dict(family.native)
     write_atomic(config_path, json.dumps(config, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
 
 

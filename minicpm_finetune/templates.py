@@ -8,13 +8,21 @@ Two styles are built in:
   function-calling format for tools and tool calls (see CHATML_TEMPLATE).
 
 The template is saved with every output, so inference renders prompts exactly as training did.
+
+The end-of-turn token (learned after every reply, and where generation stops) comes from the template in
+use: a built-in template knows its own (``minicpm``: the eos token; ``chatml``: ``<|im_end|>``). Any other
+template (the tokenizer's own, or a Jinja file) is rendered on a one-exchange probe, and the special token
+it writes right after the reply's text (whitespace aside) ends a turn; a template that writes none there,
+or that cannot render the probe, ends turns with the eos token.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from .cli import ArgumentError
+from .families import family_of
 
 MINICPM_TEMPLATE = (
     "{{ bos_token }}"
@@ -81,14 +89,23 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
 )
 
-TEMPLATES = {"minicpm": MINICPM_TEMPLATE, "chatml": CHATML_TEMPLATE}
 
-# Model types whose tokenizers ship without a usable template.
-DEFAULT_TEMPLATE_FOR_MODEL_TYPE = {"minicpm": "minicpm", "minicpm3": "chatml", "llama": "minicpm"}
+@dataclass(frozen=True)
+class ChatTemplate:
+    text: str
+    end_of_turn: str | None  # the token after every reply; None: the tokenizer's eos token
+    special_tokens: tuple[str, ...] = ()  # markers a tokenizer must hold as single special tokens
+
+
+TEMPLATES = {
+    "minicpm": ChatTemplate(MINICPM_TEMPLATE, end_of_turn=None),
+    "chatml": ChatTemplate(CHATML_TEMPLATE, end_of_turn="<|im_end|>", special_tokens=("<|im_start|>", "<|im_end|>")),
+}
 
 
 def resolve_chat_template(tokenizer, model_type: str | None = None, override: str | None = None) -> str:
-    """The template to train and infer with: the flag, else the tokenizer's, else by model type.
+    """The template to train and infer with: the flag, else the tokenizer's, else the model family's
+    (families.py).
 
     ``override`` is a built-in name (``minicpm``, ``chatml``) or a path to a Jinja file.
     A tokenizer template in MiniCPM-2B's ``<用户>`` style is replaced by ours (same format,
@@ -96,7 +113,7 @@ def resolve_chat_template(tokenizer, model_type: str | None = None, override: st
     """
     if override:
         if override in TEMPLATES:
-            return TEMPLATES[override]
+            return TEMPLATES[override].text
         if os.path.isfile(override):
             with open(override, encoding="utf-8") as f:
                 return f.read()
@@ -104,13 +121,31 @@ def resolve_chat_template(tokenizer, model_type: str | None = None, override: st
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, str) and own:
         return MINICPM_TEMPLATE if "<用户>" in own else own
-    return TEMPLATES[DEFAULT_TEMPLATE_FOR_MODEL_TYPE.get(model_type or "", "minicpm")]
+    return TEMPLATES[family_of(model_type).chat_template].text
+
+
+# A reply no template alters, to see what a template writes after one.
+_PROBE_REPLY = "end-of-turn probe"
 
 
 def end_of_turn_token(tokenizer) -> str:
-    """The token that closes an assistant reply under the tokenizer's template (learned, and where generation stops)."""
-    template = tokenizer.chat_template or ""
-    return "<|im_end|>" if "<|im_end|>" in template else tokenizer.eos_token
+    """The token that closes an assistant reply under the tokenizer's template (learned, and where generation
+    stops): a built-in template's own, else the special token the template writes right after a reply's text
+    (whitespace aside), else the eos token."""
+    template = tokenizer.chat_template
+    for builtin in TEMPLATES.values():
+        if template == builtin.text:
+            return builtin.end_of_turn or tokenizer.eos_token
+    if not isinstance(template, str) or not template:
+        return tokenizer.eos_token
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "?"},
+                                              {"role": "assistant", "content": _PROBE_REPLY}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render a plain exchange ends turns with eos
+        return tokenizer.eos_token
+    after = text[text.rfind(_PROBE_REPLY) + len(_PROBE_REPLY):].lstrip() if _PROBE_REPLY in text else ""
+    special = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len, reverse=True)
+    return next((token for token in special if after.startswith(token)), tokenizer.eos_token)
 
 
 def apply_template(tokenizer, template: str) -> None:

@@ -106,9 +106,10 @@ def build_tokenizer(output_dir: str, texts: list[str], chat_template: str = "min
         with open(os.path.join(raw, "tokenizer_config.json"), "w") as f:
             json.dump(settings, f)
         tokenizer = AutoTokenizer.from_pretrained(raw)
-    if chat_template == "chatml":
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    apply_template(tokenizer, TEMPLATES[chat_template])
+    template = TEMPLATES[chat_template]
+    if template.special_tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(template.special_tokens)})
+    apply_template(tokenizer, template.text)
     tokenizer.save_pretrained(output_dir)
     return tokenizer
 

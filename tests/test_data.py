@@ -193,7 +193,7 @@ def test_a_template_that_cannot_render_tools_is_refused_before_training(tmp_path
 @pytest.mark.parametrize("template", sorted(TEMPLATES))
 def test_fast_path_equals_the_general_one_on_every_bundled_template(template, tiny_model, tiny_chatml_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_chatml_model if template == "chatml" else tiny_model)
-    apply_template(tokenizer, TEMPLATES[template])
+    apply_template(tokenizer, TEMPLATES[template].text)
     encoder = ChatEncoder(tokenizer)
     assert encoder.blocks is not None and encoder.can_protect
     conversations = [(m, p) for m, p in _verification_conversations()] + [(MULTI_TURN, False), (MULTI_TURN[:4], True)]

@@ -14,8 +14,9 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 import minicpm_finetune  # noqa: F401  registers model_type "minicpm"
 from minicpm_finetune.configuration_minicpm import MiniCPMConfig
 from minicpm_finetune.export import fold_into_llama
+from minicpm_finetune.families import family_of
 from minicpm_finetune.loss import causal_lm_loss
-from minicpm_finetune.modeling_minicpm import MiniCPMForCausalLM, default_lora_target_modules
+from minicpm_finetune.modeling_minicpm import MiniCPMForCausalLM
 
 VOCAB = 300
 
@@ -207,9 +208,9 @@ def test_llama_and_minicpm3_folders_load_through_auto_class(tmp_path):
     minicpm3 = AutoModelForCausalLM.from_pretrained(tmp_path / "minicpm3")
     assert minicpm3.config.model_type == "minicpm3"
     module_names = {name.rsplit(".", 1)[-1] for name, _ in minicpm3.named_modules()}
-    assert set(default_lora_target_modules(minicpm3)) <= module_names
-    assert default_lora_target_modules(llama.config) == ["q_proj", "v_proj"]
-    assert default_lora_target_modules(tiny_config()) == ["q_proj", "v_proj"]
+    assert set(family_of(minicpm3).lora_targets(minicpm3.config)) <= module_names
+    assert family_of(llama).lora_targets(llama.config) == ["q_proj", "v_proj"]
+    assert family_of(tiny_config()).lora_targets(tiny_config()) == ["q_proj", "v_proj"]
 
 
 # ---------------------------------------------------------------- attention

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finetune
 from minicpm_finetune.export import main as export_main
-from minicpm_finetune.portable import AUTO_MAP, MODEL_CODE_FILES
+from minicpm_finetune.families import FAMILIES
 from minicpm_finetune.templates import MINICPM_TEMPLATE
 from minicpm_finetune.tiny import MINICPM_2B_TEMPLATE, build_tokenizer, tiny_config
 
@@ -168,10 +168,11 @@ def test_model_folders_load_without_the_package(outputs, name, tmp_path):
     with open(folder / "config.json", encoding="utf-8") as f:
         config = json.load(f)
     assert OFFICIAL_FIELDS <= set(config), OFFICIAL_FIELDS - set(config)
-    assert config["auto_map"] == AUTO_MAP and config["architectures"] == ["MiniCPMForCausalLM"]
+    minicpm = FAMILIES["minicpm"]
+    assert config["auto_map"] == minicpm.native and config["architectures"] == ["MiniCPMForCausalLM"]
     assert config["rope_theta"] == 10000.0 and config["rope_scaling"] is None
     package = os.path.join(ROOT, "minicpm_finetune")
-    for code in MODEL_CODE_FILES:
+    for code in minicpm.code_files:
         with open(folder / code, "rb") as shipped, open(os.path.join(package, code), "rb") as source:
             assert shipped.read() == source.read()
 
