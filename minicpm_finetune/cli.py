@@ -1,7 +1,7 @@
 """What every command shares: the project's error types, the one-line argument parser, the exit on bad input,
 the atomic writer and the local-path rule.
 
-Standard library only, so a usage error is reported before torch or transformers are imported. A command's
+Standard library only (so it also runs as a file, below, and adds no import to any command). A command's
 ``main`` is wrapped in :func:`command`: the project's own errors (:class:`FinetuneError` and its subclasses,
 bad input the user can fix) end it with one ``error: ...`` line and exit status 2; any other exception is a
 bug and keeps its traceback.
