@@ -66,7 +66,8 @@ def main() -> int:
 
     from minicpm_finetune.advertisegen import convert_record
     from minicpm_finetune.data import read_records
-    from minicpm_finetune.generation import eval_samples, generate_replies
+    from minicpm_finetune.generation import generate_replies
+    from minicpm_finetune.prompts import eval_samples
 
     records = [r for _, r in read_records(os.path.join(ROOT, "data", "advertisegen", "dev.jsonl"))]
     samples = eval_samples([convert_record(r) for r in records])

@@ -62,9 +62,8 @@ class PreferenceTrainer(PortableSaves, NonFiniteLossGuard, DPOTrainer):
     def __init__(self, *, model, args, train_dataset, eval_dataset, processing_class, ref_model=None, beta=0.1,
                  loss_type="sigmoid", sft_loss_weight=0.0, callbacks=None):
         add_dpo_settings(args, beta, loss_type, sft_loss_weight)
-        self._metric_prefix = "eval"
-        super().__init__(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=processing_class, callbacks=callbacks,
+        super().__init__(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
                          data_collator=PreferenceCollator(processing_class.pad_token_id))
         if ref_model is None and "ref" in getattr(self.model, "peft_config", {}):
             # TRL copies an adapter it did not create into a frozen "ref" adapter (to re-train a trained one).
@@ -80,18 +79,15 @@ class PreferenceTrainer(PortableSaves, NonFiniteLossGuard, DPOTrainer):
         self._signature_columns = ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels",
                                    "length", "ref_chosen_logps", "ref_rejected_logps"]
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        self._metric_prefix = metric_key_prefix
-        try:
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        finally:
-            self._metric_prefix = "eval"
-
-    def log(self, logs: dict, start_time=None) -> None:
-        pending = self._metrics["eval"]
-        if not self.model.training and self._metric_prefix != "eval" and pending:
-            # TRL would add these as eval_*: name them after the split evaluated (test_rewards/accuracies, ...).
-            logs.update({f"{self._metric_prefix}_{key}": sum(values) / len(values)
-                         for key, values in pending.items() if values})
-            pending.clear()
-        super().log(logs, start_time)
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        # TRL collects the reward metrics of the evaluation's batches and adds them in log() as eval_*, whatever
+        # the split. Taken here instead, they are named after the split (test_rewards/accuracies, ...) and still
+        # join the loss in the one log entry that evaluate() writes and hands to the callbacks.
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        collected = self._metrics["eval"]
+        output.metrics.update({f"{metric_key_prefix}_{key}": sum(values) / len(values)
+                               for key, values in collected.items() if values})
+        collected.clear()
+        return output

@@ -1,6 +1,6 @@
 """Conversations -> input_ids and labels: render with the chat template, tokenize in batches, mask.
 
-One encoder (``ChatEncoder``) serves training and inference (``generation.prompt_ids``), so the ids
+One encoder (``ChatEncoder``) serves training and inference (``prompts.prompt_ids``), so the ids
 before each reply are exactly the ids inference feeds the model for the same messages.
 
 Rendering. The general path renders the conversation and every prefix through Jinja (with

@@ -20,12 +20,14 @@ from minicpm_finetune.cli import command, fail, load_error, print_error
 from minicpm_finetune.curves import plot_training_curves
 from minicpm_finetune.data import IGNORE_INDEX, DataError, check_files, load_conversations, tokenize_dataset
 from minicpm_finetune.families import note
-from minicpm_finetune.generation import eval_samples, generation_kwargs, save_metrics, save_predictions
+from minicpm_finetune.generation import generation_kwargs
 from minicpm_finetune.metrics import parse_metric_names
 from minicpm_finetune.model import load_model, load_tokenizer
 from minicpm_finetune.packing import PackingCollator, pack_dataset, packing_summary
 from minicpm_finetune.outputs import (check_output_dir, clear_previous_run, lock_output_dir, out_of_space,
                                       save_final_model, unlock_output_dir)
+from minicpm_finetune.prompts import eval_samples
+from minicpm_finetune.results import save_metrics, save_predictions
 from minicpm_finetune.safety import (NonFiniteLossError, ProcessReport, checkpoint_step, latest_checkpoint,
                                      resolve_resume)
 from minicpm_finetune.trainer import MiniCPMTrainer
@@ -123,19 +125,31 @@ def prepare_data(data_args, training_args, tokenizer):
     return datasets, samples
 
 
-def evaluate_at_end(trainer, datasets, samples, args):
-    """Loss and generation metrics on the test set (else validation) to test_metrics.json and
-    test_predictions.jsonl, then the training-curve PNG; files written by the first process."""
-    split = "test" if "test" in datasets else "eval"
-    generation_samples = samples[split] if args.eval_generation and split in samples else None
-    extra = {"generation_samples": generation_samples} if generation_samples else {}
-    metrics = trainer.evaluate(datasets[split], metric_key_prefix="test", **extra)
+def final_split(datasets) -> str:
+    """The split evaluated at the end: the test set, else the validation set."""
+    return "test" if "test" in datasets else "eval"
+
+
+def scored_samples(samples, args) -> dict:
+    """The samples generation scores, by metric prefix (``MiniCPMTrainer``): the first --eval_num_samples
+    validation samples at each evaluation, and the whole split evaluated at the end."""
+    if not args.eval_generation:
+        return {}
+    return {"eval": samples["eval"][:args.eval_num_samples], "test": samples[final_split(samples)]}
+
+
+def evaluate_at_end(trainer, datasets, args, test_samples=None):
+    """Loss and metrics on the test set (else validation) to test_metrics.json; with ``test_samples`` (the
+    samples the trainer scores under "test") their predictions to test_predictions.jsonl; then the
+    training-curve PNG. Files written by the first process."""
+    split = final_split(datasets)
+    metrics = trainer.evaluate(datasets[split], metric_key_prefix="test")
     if not trainer.is_world_process_zero():
         return
     metrics["test_split"] = "test" if split == "test" else "validation"
     save_metrics(os.path.join(args.output_dir, "test_metrics.json"), metrics)
-    if generation_samples:
-        save_predictions(os.path.join(args.output_dir, "test_predictions.jsonl"), generation_samples,
+    if test_samples:
+        save_predictions(os.path.join(args.output_dir, "test_predictions.jsonl"), test_samples,
                          trainer.last_predictions)
     try:
         plot_training_curves(trainer.state.log_history, os.path.join(args.output_dir, "training_curves.png"))
@@ -189,6 +203,7 @@ def main(argv=None):
 
     claim_output_dir(model_args, training_args, settings)
     model = load_model(model_args, training_args)
+    generation_samples = scored_samples(samples, training_args)
     trainer = MiniCPMTrainer(
         model=model,
         args=training_args,
@@ -196,8 +211,8 @@ def main(argv=None):
         eval_dataset=datasets["eval"],
         processing_class=tokenizer,
         data_collator=collator,
-        # ROUGE/BLEU of generated replies next to the validation loss at each evaluation.
-        generation_samples=samples["eval"][:training_args.eval_num_samples] if training_args.eval_generation else None,
+        # ROUGE/BLEU of generated replies next to the loss at each evaluation and at the end.
+        generation_samples=generation_samples,
         generation_config=dict(max_new_tokens=training_args.max_new_tokens,
                                metrics=parse_metric_names(training_args.eval_metrics), **generation_kwargs(
             training_args.generation_num_beams, training_args.do_sample, training_args.temperature,
@@ -212,7 +227,7 @@ def main(argv=None):
             print(f"best eval_{training_args.metric_for_best_model.removeprefix('eval_')} {state.best_metric:.4g} "
                   f"at {state.best_model_checkpoint} (loaded; training stopped at step {state.global_step})")
         trainer.remove_callback(EarlyStoppingCallback)  # the test evaluation below has no eval_ metric to watch
-        evaluate_at_end(trainer, datasets, samples, training_args)
+        evaluate_at_end(trainer, datasets, training_args, generation_samples.get("test"))
 
     train_and_save(trainer, training_args, finish)
     if torch.distributed.is_initialized():
@@ -237,7 +252,7 @@ def train_preferences(model_args, data_args, training_args, settings):
         eval_dataset=datasets["eval"], processing_class=tokenizer, beta=training_args.dpo_beta,
         loss_type=training_args.dpo_loss_type, sft_loss_weight=training_args.sft_loss_weight,
         callbacks=[ProcessReport()])
-    train_and_save(trainer, training_args, lambda: evaluate_at_end(trainer, datasets, {}, training_args))
+    train_and_save(trainer, training_args, lambda: evaluate_at_end(trainer, datasets, training_args))
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return trainer

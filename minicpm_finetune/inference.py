@@ -165,7 +165,7 @@ def read_samples(path: str, data_format: str, every_turn: bool):
     a file of prompts only, i.e. records of a training format without their final reply, gives
     references None."""
     from minicpm_finetune.data import DataError, check_file, example_of, load_conversations
-    from minicpm_finetune.generation import Prompt, eval_samples
+    from minicpm_finetune.prompts import Prompt, eval_samples
 
     check, prompts_only = check_file(path, data_format), False
     if check.problem_count:  # prompts only? The same records completed with a placeholder reply must pass.
@@ -195,7 +195,7 @@ def fit_file_prompts(tokenizer, samples, numbers, args) -> list[list[dict]]:
     """Every sample's prompt within --max_length (oldest exchanges dropped, noted); a prompt too long on its
     own stops everything before any generation, naming its record."""
     from minicpm_finetune.data import DataError
-    from minicpm_finetune.generation import PromptTooLong, fit_prompt
+    from minicpm_finetune.prompts import PromptTooLong, fit_prompt
 
     prompts, trimmed, too_long = [], [], []
     for (prompt, _), number in zip(samples, numbers):
@@ -221,8 +221,9 @@ def fit_file_prompts(tokenizer, samples, numbers, args) -> list[list[dict]]:
 
 def predict_file(model, tokenizer, args, gen_kwargs, samples, prompts) -> None:
     """Predictions for ``samples`` (written with their full input) from their fitted ``prompts``, and metrics."""
-    from minicpm_finetune.generation import generate_replies, save_metrics, save_predictions
+    from minicpm_finetune.generation import generate_replies
     from minicpm_finetune.metrics import compute_metrics
+    from minicpm_finetune.results import save_metrics, save_predictions
 
     predictions = generate_replies(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, **gen_kwargs)
     save_predictions(args.output_file, samples, predictions)
@@ -238,7 +239,8 @@ def predict_file(model, tokenizer, args, gen_kwargs, samples, prompts) -> None:
 
 def reply_to(model, tokenizer, messages, args, gen_kwargs, prefix: str = "") -> str:
     """Generate one reply and print it after ``prefix``: as it is generated unless --no_stream."""
-    from minicpm_finetune.generation import generate_replies, write_to_stdout
+    from minicpm_finetune.generation import generate_replies
+    from minicpm_finetune.prompts import write_to_stdout
 
     # transformers cannot stream beam search; its reply is printed whole.
     stream = not args.no_stream and args.num_beams == 1
@@ -253,7 +255,7 @@ def reply_to(model, tokenizer, messages, args, gen_kwargs, prefix: str = "") -> 
 def chat(model, tokenizer, args, gen_kwargs) -> int:
     """Multi-turn chat on stdin; also works with stdin a pipe (no prompts are shown then).
     Returns the exit status: 2 if a message was too long to send, else 0."""
-    from minicpm_finetune.generation import PromptTooLong, fit_prompt
+    from minicpm_finetune.prompts import PromptTooLong, fit_prompt
 
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
@@ -298,7 +300,7 @@ def chat(model, tokenizer, args, gen_kwargs) -> int:
 
 def fit_max_length(args, config, tokenizer) -> None:
     """--max_length: the model's context unless given; a reply of --max_new_tokens must leave room for a prompt."""
-    from minicpm_finetune.generation import context_limit
+    from minicpm_finetune.prompts import context_limit
 
     model_limit = context_limit(config, tokenizer)
     if args.max_length is None:
@@ -311,7 +313,7 @@ def fit_max_length(args, config, tokenizer) -> None:
 
 def one_prompt(tokenizer, args) -> list[dict]:
     """--prompt (after --system) as messages, checked to fit --max_length."""
-    from minicpm_finetune.generation import PromptTooLong, fit_prompt
+    from minicpm_finetune.prompts import PromptTooLong, fit_prompt
 
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                [{"role": "user", "content": args.prompt}]

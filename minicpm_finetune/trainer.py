@@ -18,46 +18,39 @@ from .safety import NonFiniteLossGuard
 
 
 class MiniCPMTrainer(PortableSaves, NonFiniteLossGuard, Trainer):
-    """``Trainer`` that, at each evaluation, also generates replies for ``generation_samples`` and scores them.
+    """``Trainer`` that, at an evaluation, also generates replies for the split's samples and scores them.
 
-    generation_samples: (prompt messages, reference) pairs for the validation set (``eval_samples``);
-        None turns generation-based evaluation off.
-    generation_config: keyword arguments of ``evaluate_generation`` (max_new_tokens, metrics, num_beams, do_sample, ...).
-    After each ``evaluate`` with generation, ``last_predictions`` holds the replies (on every rank).
+    generation_samples: (prompt messages, reference) pairs (``prompts.eval_samples``) by the evaluation's
+        ``metric_key_prefix``, the name ``Trainer`` gives a split's metrics: e.g. {"eval": validation samples,
+        "test": test samples} scores the validation samples at each evaluation during training and the test
+        samples at ``evaluate(test_set, metric_key_prefix="test")``. A prefix without samples, or None: loss only.
+    generation_config: keyword arguments of ``evaluate_generation`` (max_new_tokens, metrics, num_beams, ...).
+
+    The replies of the latest evaluation that generated are ``last_predictions`` (on every rank): ``evaluate``
+    returns the metrics dict that is logged, so the replies are a result read after it, like ``state``.
     """
 
     def __init__(self, *args, generation_samples=None, generation_config=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.generation_samples = generation_samples
+        self.generation_samples = dict(generation_samples or {})
         self.generation_config = dict(generation_config or {})
         self.last_predictions = None
-        self._pending_samples = None
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval", generation_samples=None):
-        """As ``Trainer.evaluate``; ``generation_samples`` are scored with it (default: the validation
-        samples when evaluating the validation set)."""
-        if generation_samples is None and eval_dataset is None:
-            generation_samples = self.generation_samples
-        self._pending_samples = generation_samples
-        try:
-            with eager_evaluation(self.args):
-                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        finally:
-            self._pending_samples = None
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        # The loss loop runs first; the scores are added to its metrics, which evaluate() then logs.
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                         metric_key_prefix)
-        if self._pending_samples:
-            # self.model is the (PEFT) model itself, also under DeepSpeed, where ZeRO-3 gathers weights on use.
-            predictions, metrics = evaluate_generation(
-                self.model, self.processing_class, self._pending_samples,
-                batch_size=self.args.per_device_eval_batch_size,
-                show_progress=not self.args.disable_tqdm, **self.generation_config)
-            self.last_predictions = predictions
-            output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
+        # Trainer.evaluate runs this, then logs its metrics once and hands them to the callbacks (early stopping,
+        # metric_for_best_model): scores added here join eval_loss in that one log entry.
+        with eager_evaluation(self.args):
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            samples = self.generation_samples.get(metric_key_prefix)
+            if samples:
+                # self.model is the (PEFT) model itself, also under DeepSpeed, where ZeRO-3 gathers weights on use.
+                predictions, metrics = evaluate_generation(
+                    self.model, self.processing_class, samples, batch_size=self.args.per_device_eval_batch_size,
+                    show_progress=not self.args.disable_tqdm, **self.generation_config)
+                self.last_predictions = predictions
+                output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in metrics.items()})
         return output
 
 

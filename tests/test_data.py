@@ -6,11 +6,11 @@ import pytest
 from conftest import run, write_jsonl
 from transformers import AutoTokenizer
 
-from minicpm_finetune import generation
 from minicpm_finetune.data import (IGNORE_INDEX, DataError, check_file, encode, example_of,
                                    load_conversations, read_records, to_messages, tokenize_dataset)
 from minicpm_finetune.encoding import ChatEncoder, TemplateError, _verification_conversations
 from minicpm_finetune.formats import FORMATS
+from minicpm_finetune.prompts import prompt_ids as inference_prompt_ids
 from minicpm_finetune.templates import CHATML_TEMPLATE, MINICPM_TEMPLATE, TEMPLATES, apply_template, end_of_turn_token
 
 MULTI_TURN = [
@@ -84,7 +84,7 @@ def test_every_prefix_agrees_with_inference(tokenizer):
 
 
     # Inference's own encoder gives the same prompt ids.
-    assert [generation.prompt_ids(tokenizer, MULTI_TURN[:k]) for k in (2, 4)] == prompts
+    assert [inference_prompt_ids(tokenizer, MULTI_TURN[:k]) for k in (2, 4)] == prompts
 
 
 # --------------------------------------------------------------------------- formats
@@ -225,7 +225,7 @@ def test_content_that_looks_like_a_special_token_is_text(tokenizer, text):
     assert [t for t in ids if t in special] == [t for t in plain if t in special]
     # Inference encodes the prompt the same way: the ids before the second reply.
     for k in (1, 3):
-        prompt = generation.prompt_ids(tokenizer, messages[:k])
+        prompt = inference_prompt_ids(tokenizer, messages[:k])
         assert ids[: len(prompt)] == prompt
         assert labels[len(prompt) - 1] == IGNORE_INDEX and labels[len(prompt)] != IGNORE_INDEX
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import finetune
 from minicpm_finetune.data import IGNORE_INDEX, DataError, FileCheck
 from minicpm_finetune.data import main as data_command
-from minicpm_finetune.generation import prompt_ids
+from minicpm_finetune.prompts import prompt_ids
 from minicpm_finetune.preference import (PreferenceCollator, check_preference_file, check_preference_files,
                                          encode_pair, to_pair, tokenize_pairs)
 from minicpm_finetune.templates import end_of_turn_token

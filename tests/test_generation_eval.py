@@ -9,7 +9,8 @@ from conftest import run
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from minicpm_finetune.data import IGNORE_INDEX
-from minicpm_finetune.generation import eval_samples, generate_replies, stop_token_ids
+from minicpm_finetune.generation import generate_replies, generation_kwargs
+from minicpm_finetune.prompts import eval_samples, stop_token_ids
 
 METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 
@@ -26,6 +27,13 @@ def test_eval_samples_last_turn_and_every_turn():
         ([SYSTEM, U1, A1, U2], "这款连衣裙显瘦。"),
         ([U2], "这款连衣裙显瘦。"),
     ]
+
+
+def test_sampling_knobs_go_to_generate_only_when_sampling():
+    """generate() warns about temperature/top_p under greedy or beam search: they are passed only with do_sample."""
+    assert generation_kwargs(num_beams=2, temperature=0.7, top_p=0.9) == {"num_beams": 2, "do_sample": False}
+    assert generation_kwargs(do_sample=True, temperature=0.7, top_p=0.9) == {
+        "num_beams": 1, "do_sample": True, "temperature": 0.7, "top_p": 0.9}
 
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny_model):
@@ -75,6 +83,51 @@ def test_generation_stops_at_end_of_turn(tiny_chatml_model):
     assert "多余" in tokenizer.decode(free[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     # ... and generate_replies stops there.
     assert generate_replies(model, tokenizer, [[U1]], max_new_tokens=12, show_progress=False) == ["今天天气很好"]
+
+
+def test_trainer_scores_the_samples_the_evaluation_prefix_names_in_one_log_entry(tiny_model, data_dir, tmp_path):
+    """MiniCPMTrainer finds the samples to generate for from the evaluation's own metric prefix (no state handed
+    from one call to the next): the validation samples under eval_, the test samples under test_, none under
+    another prefix; the scores are in the loss's one log entry and in the metrics the callbacks see."""
+    from transformers import DataCollatorForSeq2Seq, TrainerCallback
+
+    from minicpm_finetune.arguments import TrainingArguments
+    from minicpm_finetune.data import load_conversations, tokenize_dataset
+    from minicpm_finetune.trainer import MiniCPMTrainer
+
+    class SeenByCallbacks(TrainerCallback):
+        def __init__(self):
+            self.metrics = []
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            self.metrics.append(dict(metrics))
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    conversations = load_conversations(str(data_dir / "dev.jsonl"))
+    dataset, _ = tokenize_dataset(conversations, tokenizer, 256)
+    samples = eval_samples(conversations)
+    seen = SeenByCallbacks()
+    trainer = MiniCPMTrainer(
+        model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                            per_device_eval_batch_size=2, disable_tqdm=True),
+        eval_dataset=dataset, processing_class=tokenizer, callbacks=[seen],
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX),
+        generation_samples={"eval": samples[:1], "test": samples[1:]}, generation_config={"max_new_tokens": 4})
+
+    metrics = trainer.evaluate()
+    assert metrics["eval_num_samples"] == 1 and {"eval_loss", *(f"eval_{key}" for key in METRICS)} <= set(metrics)
+    assert trainer.state.log_history[-1].items() >= metrics.items() and seen.metrics == [metrics]
+
+    test = trainer.evaluate(dataset, metric_key_prefix="test")
+    assert test["test_num_samples"] == 3 and "test_loss" in test and "test_rouge-l" in test
+    replies = generate_replies(model, tokenizer, [prompt for prompt, _ in samples[1:]], max_new_tokens=4,
+                               show_progress=False)
+    assert trainer.last_predictions == replies
+
+    other = trainer.evaluate(dataset, metric_key_prefix="other")
+    assert "other_loss" in other and not any(key.startswith(("other_rouge", "other_num")) for key in other)
+    assert trainer.last_predictions == replies  # nothing generated
 
 
 def finetune_args(tiny_model, data_dir, output_dir, *extra):

@@ -11,7 +11,8 @@ from conftest import QA, ROOT, run
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from minicpm_finetune.generation import PromptTooLong, context_limit, fit_prompt, generate_replies, prompt_length
+from minicpm_finetune.generation import generate_replies
+from minicpm_finetune.prompts import PromptTooLong, context_limit, fit_prompt, prompt_length
 
 MAX_NEW = "10"
 
