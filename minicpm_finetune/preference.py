@@ -21,7 +21,6 @@ Preview before training (the data command tells a preference file by its first r
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -282,12 +281,8 @@ def preview_pairs(tokenizer, path: str, max_length: int | None, skip_bad_samples
     """The data command's preview of a preference file (``python -m minicpm_finetune.data``): counts, then the
     first pair's chosen and rejected replies with their scored spans in [[...]]; the tokenizer carries the
     template training uses."""
-    try:
-        check = check_preference_files({"data": path}, skip_bad_samples)["data"]
-        dataset, stats = tokenize_pairs(check, tokenizer, max_length)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check = check_preference_files({"data": path}, skip_bad_samples)["data"]
+    dataset, stats = tokenize_pairs(check, tokenizer, max_length)
     print(stats.summary(f"{path} ({check.data_format} format)", max_length))
     if len(dataset):
         first = dataset[0]
