@@ -140,8 +140,9 @@ def check_preference_file(path: str) -> FileCheck:
         if data_format is None:
             data_format = check.data_format = detect_preference_format(obj)
             if data_format is None:
-                raise DataError(f'{path}:{number}: not a preference record: expected "chosen" and "rejected" with '
-                                f'"instruction"/"input", "messages" or "prompt" (formats: {", ".join(PREFERENCE_FORMATS)})')
+                raise DataError(f'{path}:{number}: not a preference record: expected "chosen" and "rejected" '
+                                f'with "instruction"/"input", "messages" or "prompt" '
+                                f'(formats: {", ".join(PREFERENCE_FORMATS)})')
         try:
             pair = to_pair(obj, data_format)
         except ValueError as e:
@@ -245,7 +246,8 @@ def prepare_preference_data(data_args, training_args, tokenizer) -> dict:
         datasets[name], stats = tokenize_pairs(check, tokenizer, training_args.model_max_length)
         log(stats.summary(f"{name} ({check.path}, {check.data_format} format)", training_args.model_max_length))
         if not len(datasets[name]):
-            raise DataError(f"{check.path}: no preference pair fits in --model_max_length {training_args.model_max_length}")
+            raise DataError(f"{check.path}: no preference pair fits in --model_max_length "
+                            f"{training_args.model_max_length}")
     return datasets
 
 

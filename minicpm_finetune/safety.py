@@ -127,7 +127,8 @@ class NonFiniteLossGuard:
         if bad.item() > 0:
             step = self.state.global_step + 1
             local = loss.detach().float().mean().item()
-            what = f"loss is {local}" if not torch.isfinite(torch.tensor(local)) else "loss is not finite on another process"
+            finite_here = torch.isfinite(torch.tensor(local))
+            what = "loss is not finite on another process" if finite_here else f"loss is {local}"
             good, _ = latest_checkpoint(self.args.output_dir)
             kept = f"the last good checkpoint is {good}" if good else "no checkpoint was saved before it"
             raise NonFiniteLossError(
