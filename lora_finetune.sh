@@ -9,25 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/common.sh
 
-if [[ "${1:-}" == --demo ]]; then shift; prepare_demo lora; fi
-CONFIG=${CONFIG:-configs/lora.yaml}
-MODEL_PATH=${MODEL_PATH:-openbmb/MiniCPM-2B-sft-bf16}
-DATA_DIR=${DATA_DIR:-data/advertisegen_chat}
-OUTPUT_DIR=${OUTPUT_DIR:-output/lora/$(date +%Y%m%d-%H%M%S)}
-GPU=${GPU:-0}                           # which GPU to train on (DEVICE=cpu: the CPU)
-MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-}  # default: the config's
-
-check_settings
-[[ -f "$CONFIG" ]] || die "CONFIG $CONFIG: file not found"
-check_model_path "$MODEL_PATH"
-find_data_files "$DATA_DIR"
+set_defaults lora "${1:-}"
+if [[ "${1:-}" == --demo ]]; then shift; fi
+GPU=${GPU:-0}  # which GPU to train on (DEVICE=cpu: the CPU)
+prepare_run
 echo "LoRA fine-tuning $MODEL_PATH on $DATA_DIR with $CONFIG -> $OUTPUT_DIR"
 
-CUDA_VISIBLE_DEVICES=$GPU python finetune.py "$CONFIG" \
-  --model_name_or_path "$MODEL_PATH" \
-  --train_data_path "$TRAIN_FILE" --eval_data_path "$EVAL_FILE" ${TEST_FILE:+--test_data_path "$TEST_FILE"} \
-  --output_dir "$OUTPUT_DIR" \
-  ${MODEL_MAX_LENGTH:+--model_max_length "$MODEL_MAX_LENGTH"} \
-  $(device_args) \
-  "$@"
+CUDA_VISIBLE_DEVICES=$GPU python finetune.py "$CONFIG" "${FINETUNE_ARGS[@]}" "$(device_args)" "$@"
 echo "done: $OUTPUT_DIR"

@@ -11,23 +11,15 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/common.sh
 
-if [[ "${1:-}" == --demo ]]; then shift; prepare_demo sft; fi
-CONFIG=${CONFIG:-configs/sft.yaml}
-MODEL_PATH=${MODEL_PATH:-openbmb/MiniCPM-2B-sft-bf16}
-DATA_DIR=${DATA_DIR:-data/advertisegen_chat}
-OUTPUT_DIR=${OUTPUT_DIR:-output/sft/$(date +%Y%m%d-%H%M%S)}
+set_defaults sft "${1:-}"
+if [[ "${1:-}" == --demo ]]; then shift; fi
 NUM_GPUS=${NUM_GPUS:-$(gpu_count)}     # GPUs per node
 HOSTFILE=${HOSTFILE:-}                  # "host slots=N" per line, for several nodes
 MASTER_ADDR=${MASTER_ADDR:-}            # first node's address (multi-node)
 MASTER_PORT=${MASTER_PORT:-29500}
 DS_CONFIG=${DS_CONFIG:-configs/ds_config_zero3.json}
-MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-}  # default: the config's
 LAUNCHER_ARGS=${LAUNCHER_ARGS:-}        # more deepspeed launcher flags, e.g. "--no_ssh --node_rank 1"
-check_settings
-
-[[ -f "$CONFIG" ]] || die "CONFIG $CONFIG: file not found"
-check_model_path "$MODEL_PATH"
-find_data_files "$DATA_DIR"
+prepare_run
 [[ -f "$DS_CONFIG" ]] || die "DS_CONFIG $DS_CONFIG: file not found"
 if [[ -n "$HOSTFILE" ]]; then
   [[ -f "$HOSTFILE" ]] || die "HOSTFILE $HOSTFILE: file not found"
@@ -38,12 +30,5 @@ fi
 echo "Full fine-tuning $MODEL_PATH on $DATA_DIR with $CONFIG and $DS_CONFIG -> $OUTPUT_DIR"
 
 # shellcheck disable=SC2086  # LAUNCHER_ARGS is a list of flags
-"${launcher[@]}" $LAUNCHER_ARGS finetune.py "$CONFIG" \
-  --deepspeed "$DS_CONFIG" \
-  --model_name_or_path "$MODEL_PATH" \
-  --train_data_path "$TRAIN_FILE" --eval_data_path "$EVAL_FILE" ${TEST_FILE:+--test_data_path "$TEST_FILE"} \
-  --output_dir "$OUTPUT_DIR" \
-  ${MODEL_MAX_LENGTH:+--model_max_length "$MODEL_MAX_LENGTH"} \
-  $(device_args) \
-  "$@"
+"${launcher[@]}" $LAUNCHER_ARGS finetune.py "$CONFIG" --deepspeed "$DS_CONFIG" "${FINETUNE_ARGS[@]}" "$(device_args)" "$@"
 echo "done: $OUTPUT_DIR"

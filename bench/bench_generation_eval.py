@@ -62,8 +62,9 @@ def main() -> int:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no GPU is available", file=sys.stderr)
-        return 2
+        from minicpm_finetune.cli import fail
+
+        fail("--device cuda but no GPU is available")
 
     from minicpm_finetune.advertisegen import convert_record
     from minicpm_finetune.data import read_records

@@ -38,8 +38,9 @@ def main() -> int:
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
-        print("error: --device cuda but no GPU is available", file=sys.stderr)
-        return 2
+        from minicpm_finetune.cli import fail
+
+        fail("--device cuda but no GPU is available")
     dtype = torch.bfloat16 if cuda else torch.float32
 
     def sync():

@@ -11,14 +11,14 @@ named ``.json``) or a JSON array. A bad record stops the conversion before anyth
 unless ``--skip_bad`` is given.
 """
 
-import argparse
 import hashlib
 import json
 import logging
 import os
 import sys
 
-from .data import write_atomic
+from .cli import OneLineParser, command, write_atomic
+from .data import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +26,9 @@ SPLITS = ("train", "dev", "test")
 MAX_REPORTED = 20  # bad records listed in an error; the rest are only counted
 
 
-class AdvertiseGenDataError(ValueError):
-    """Bad input records. ``problems`` holds one ``FILE:LINE: problem`` line per bad record."""
+class AdvertiseGenDataError(DataError, ValueError):
+    """Bad input records. ``problems`` holds one ``FILE:LINE: problem`` line per bad record. A ValueError too,
+    as convert_file has always promised its callers (like convert_record for one record)."""
 
     def __init__(self, path: str, problems: list[str]):
         self.path = path
@@ -74,8 +75,11 @@ def _read_raw(path: str) -> list[tuple[str, object, str | None]]:
     ``where`` is ``FILE:LINE`` for JSON Lines and ``FILE: record N`` for an array, because the
     json module does not tell where an array element starts.
     """
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
     try:
         text = data.decode("utf-8-sig")  # tolerate a byte-order mark
     except UnicodeDecodeError as e:
@@ -129,7 +133,7 @@ def convert_file(src: str, dst: str, system: str | None = None, skip_bad: bool =
     """Convert one raw AdvertiseGen file (JSON Lines or JSON array) to conversation JSON Lines.
 
     Returns ``{"converted": n, "bad": k}``. By default any bad record raises
-    AdvertiseGenDataError (a ValueError) listing the first 20 as ``FILE:LINE: problem`` lines,
+    AdvertiseGenDataError (a DataError and a ValueError) listing the first 20 as ``FILE:LINE: problem`` lines,
     and ``dst`` is left untouched. With ``skip_bad=True`` bad records are skipped, counted and
     logged as warnings. ``dst`` is written atomically, never half-written.
     """
@@ -167,7 +171,7 @@ def find_split_files(src: str) -> dict[str, str]:
     """Map split name -> input file: a folder's train/dev/test .json(l) files, or one file.
 
     A single file keeps its name's stem as the split name (``AdvertiseGen_train.json`` ->
-    ``AdvertiseGen_train``). Raises FileNotFoundError or ValueError with a one-line message.
+    ``AdvertiseGen_train``). Raises DataError with a one-line message.
     """
     if os.path.isfile(src):
         stem = os.path.basename(src)
@@ -177,22 +181,23 @@ def find_split_files(src: str) -> dict[str, str]:
                 break
         return {stem: src}
     if not os.path.isdir(src):
-        raise FileNotFoundError(f"no such file or directory: {src}")
+        raise DataError(f"no such file or directory: {src}")
     found = {}
     for split in SPLITS:
         candidates = [os.path.join(src, split + ext) for ext in (".json", ".jsonl")]
         present = [p for p in candidates if os.path.isfile(p)]
         if len(present) > 1:
-            raise ValueError(f"both {present[0]} and {present[1]} exist; keep one")
+            raise DataError(f"both {present[0]} and {present[1]} exist; keep one")
         if present:
             found[split] = present[0]
     if not found:
-        raise FileNotFoundError(f"no train/dev/test .json or .jsonl files in {src}")
+        raise DataError(f"no train/dev/test .json or .jsonl files in {src}")
     return found
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m minicpm_finetune.advertisegen",
         description="Convert raw AdvertiseGen {content, summary} files to conversation JSON Lines.",
     )
@@ -203,28 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(format="warning: %(message)s", level=logging.WARNING)
 
-    try:
-        inputs = find_split_files(args.src)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    inputs = find_split_files(args.src)
     outputs = {split: os.path.join(args.out_dir, split + ".jsonl") for split in inputs}
     for split, src in inputs.items():
         if os.path.abspath(outputs[split]) == os.path.abspath(src):
-            print(f"error: output {outputs[split]} would overwrite its input", file=sys.stderr)
-            return 2
-
+            raise DataError(f"output {outputs[split]} would overwrite its input")
     # Read and check every split before writing any, so a bad dev file leaves no new train file.
-    converted = {}
-    try:
-        for split, src in inputs.items():
-            converted[split] = _convert_records(src, args.system, args.skip_bad)
-    except AdvertiseGenDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
-        return 2
+    converted = {split: _convert_records(src, args.system, args.skip_bad) for split, src in inputs.items()}
     for split, (records, bad) in converted.items():
         _write_jsonl(records, outputs[split])
         skipped = f", skipped {bad} bad" if bad else ""

@@ -2,7 +2,9 @@
 
 The first argument may be a YAML or JSON config file of flag names and values (``python finetune.py
 configs/lora.yaml --learning_rate 1e-4``): its values come first and the flags after it override them.
-Impossible combinations are rejected here, in one line, before any model is loaded.
+Impossible combinations are rejected here, in one line (ArgumentError), before any model is loaded: each
+group in its dataclass's ``__post_init__``, what spans groups in ``check_together``, what the model's
+config.json tells in ``check_against_model`` (called by finetune.main).
 """
 
 from __future__ import annotations
@@ -15,14 +17,10 @@ from dataclasses import dataclass, field, fields
 
 import transformers
 
+from .cli import ArgumentError, OneLineParser, looks_local
 from .data import FORMATS
 from .metrics import parse_metric_names
-from .outputs import SHAPE_KEYS, OutputDirError, check_output_path
-from .safety import resolve_resume
-
-
-class ArgumentError(Exception):
-    """An impossible or inconsistent set of flags."""
+from .outputs import SHAPE_KEYS, check_output_path
 
 
 @dataclass
@@ -42,8 +40,13 @@ class ModelArguments:
     lora_target_modules: str | None = field(default=None, metadata={
         "help": "comma-separated module names or all-linear (default: q_proj,v_proj for MiniCPM/Llama)"})
     qlora: bool = field(default=False, metadata={
-        "help": "QLoRA: base weights in 4-bit NF4 (bitsandbytes; on the CPU bitsandbytes >= 0.50), LoRA adapter in fp32; "
-                "implies --use_lora"})
+        "help": "QLoRA: base weights in 4-bit NF4 (bitsandbytes; on the CPU bitsandbytes >= 0.50), LoRA adapter in "
+                "fp32; implies --use_lora"})
+
+    def __post_init__(self):
+        if self.qlora:  # QLoRA is LoRA over 4-bit weights: --qlora implies --use_lora
+            self.use_lora = True
+        check_model_arguments(self)
 
 
 @dataclass
@@ -57,6 +60,9 @@ class DataArguments:
     skip_bad_samples: bool = field(default=False, metadata={"help": "drop bad records instead of stopping"})
     preprocessing_num_workers: int | None = field(default=None, metadata={
         "help": "processes that tokenize the data (default: one; the tokenizer itself uses every core)"})
+
+    def __post_init__(self):
+        check_data_arguments(self)
 
 
 @dataclass
@@ -112,14 +118,34 @@ class TrainingArguments(transformers.TrainingArguments):
         # Non-reentrant checkpointing works with frozen (LoRA) weights and under DeepSpeed.
         if self.activation_checkpointing and not self.activation_checkpointing_kwargs:
             self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        check_training_arguments(self)
 
 
 LORA_DEFAULTS = {name: ModelArguments.__dataclass_fields__[name].default
                  for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")}
 
 
-def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
-    """Raise ArgumentError for anything that would fail later, after minutes of loading."""
+def check_model_arguments(model_args) -> None:
+    """The model and LoRA flags on their own (ModelArguments.__post_init__)."""
+    path = model_args.model_name_or_path
+    if looks_local(path) and not os.path.isdir(path):
+        raise ArgumentError(f"--model_name_or_path {path}: folder not found")
+    if os.path.isdir(path):  # adapters record their base: usable from any directory
+        model_args.model_name_or_path = path = os.path.abspath(path)
+    if not model_args.use_lora:
+        changed = [f"--{k}" for k, v in LORA_DEFAULTS.items() if getattr(model_args, k) != v]
+        if changed:
+            raise ArgumentError(f"{', '.join(changed)} given without --use_lora (full fine-tuning has no adapter)")
+        return
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ArgumentError(f"--model_name_or_path {path} is already a LoRA adapter: "
+                            "merge it first (python -m minicpm_finetune.export merge) or give its base model")
+    if model_args.lora_r <= 0:
+        raise ArgumentError(f"--lora_r must be positive, got {model_args.lora_r}")
+
+
+def check_data_arguments(data_args) -> None:
+    """The data flags on their own (DataArguments.__post_init__)."""
     for name in ("train_data_path", "eval_data_path"):
         if not getattr(data_args, name):
             raise ArgumentError(f"--{name} is required")
@@ -127,51 +153,36 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         path = getattr(data_args, name)
         if path and not os.path.exists(path) and looks_local(path.split(":")[0]):  # else a hub dataset name
             raise ArgumentError(f"--{name} {path}: file not found")
-    if model_args.qlora:
-        check_qlora(training_args)
-    if looks_local(model_args.model_name_or_path) and not os.path.isdir(model_args.model_name_or_path):
-        raise ArgumentError(f"--model_name_or_path {model_args.model_name_or_path}: folder not found")
-    if os.path.isdir(model_args.model_name_or_path):  # adapters record their base: usable from any directory
-        model_args.model_name_or_path = os.path.abspath(model_args.model_name_or_path)
-    if not model_args.use_lora:
-        changed = [f"--{k}" for k, v in LORA_DEFAULTS.items() if getattr(model_args, k) != v]
-        if changed:
-            raise ArgumentError(f"{', '.join(changed)} given without --use_lora (full fine-tuning has no adapter)")
-    if model_args.use_lora and os.path.isfile(os.path.join(model_args.model_name_or_path, "adapter_config.json")):
-        raise ArgumentError(f"--model_name_or_path {model_args.model_name_or_path} is already a LoRA adapter: "
-                            "merge it first (python -m minicpm_finetune.export merge) or give its base model")
-    if model_args.use_lora and model_args.lora_r <= 0:
-        raise ArgumentError(f"--lora_r must be positive, got {model_args.lora_r}")
     if data_args.preprocessing_num_workers is not None and data_args.preprocessing_num_workers <= 0:
         raise ArgumentError(f"--preprocessing_num_workers must be positive, got {data_args.preprocessing_num_workers}")
-    if training_args.model_max_length <= 0:
-        raise ArgumentError(f"--model_max_length must be positive, got {training_args.model_max_length}")
-    if training_args.eval_num_samples is not None and training_args.eval_num_samples <= 0:
-        raise ArgumentError(f"--eval_num_samples must be positive, got {training_args.eval_num_samples}")
+
+
+def check_training_arguments(training_args) -> None:
+    """The training flags on their own (TrainingArguments.__post_init__)."""
+    for name in ("model_max_length", "eval_num_samples", "max_new_tokens"):
+        value = getattr(training_args, name)
+        if value is not None and value <= 0:
+            raise ArgumentError(f"--{name} must be positive, got {value}")
     if training_args.compile_layers:
         check_compile_layers(training_args)
-    if training_args.max_new_tokens <= 0:
-        raise ArgumentError(f"--max_new_tokens must be positive, got {training_args.max_new_tokens}")
     try:
         parse_metric_names(training_args.eval_metrics)
     except ValueError as e:
         raise ArgumentError(f"--eval_metrics: {e}") from None
-    if training_args.stage == "dpo":
-        check_dpo(data_args, training_args)
     check_best_model_metric(training_args)
     check_numbers(training_args)
     check_integrations(training_args)
+    check_output_path(training_args.output_dir)
+
+
+def check_together(model_args, data_args, training_args) -> None:
+    """What needs flags of several groups. (What the model's config tells is checked by finetune.main, after
+    the checkpoint to resume is known: check_against_model.)"""
+    if model_args.qlora:
+        check_qlora(training_args)
+    if training_args.stage == "dpo":
+        check_dpo(data_args, training_args)
     check_packages(model_args, training_args)
-    try:
-        check_output_path(training_args.output_dir)
-    except OutputDirError as e:
-        raise ArgumentError(str(e)) from None
-    try:  # "true"/"latest" becomes the newest complete checkpoint-N in --output_dir
-        training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint,
-                                                              training_args.output_dir)
-    except ValueError as e:
-        raise ArgumentError(str(e)) from None
-    check_against_model(model_args, training_args, read_model_config(model_args))
 
 
 def check_numbers(training_args) -> None:
@@ -415,15 +426,6 @@ def check_dpo(data_args, training_args) -> None:
         raise ArgumentError("--data_format names SFT formats; preference formats are detected (--stage dpo)")
 
 
-def one_line_error(message: str):
-    raise ArgumentError(message)
-
-
-def looks_local(name: str) -> bool:
-    """A path rather than a hub id ("owner/name")."""
-    return name.startswith((".", "/", "~")) or os.path.exists(name) or name.count("/") != 1
-
-
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -470,45 +472,50 @@ def config_file_argv(path: str, parser) -> list[str]:
     return argv
 
 
+class ArgumentParser(transformers.HfArgumentParser):
+    error = OneLineParser.error  # a bad value (--learning_rate abc): one line, not the whole usage
+
+
 def parse_args(argv=None):
-    """Parse the command line into (model, data, training) arguments and check them.
+    """Parse the command line into (model, data, training) arguments, checked: each group in its
+    ``__post_init__``, then what spans groups (check_together). Nothing is started, printed or resolved here.
 
     A first argument ending in .yaml/.yml/.json is a config file (see the module docstring).
     The DeepSpeed config path is checked before TrainingArguments reads it, so a typo is one line.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = transformers.HfArgumentParser(
+    parser = ArgumentParser(
         (ModelArguments, DataArguments, TrainingArguments),
-        usage="python finetune.py [CONFIG.yaml|CONFIG.json] [--flag value ...]  (flags after a config file override it)")
-    parser.error = one_line_error  # a bad value (--learning_rate abc): one line, not the whole usage
+        usage="python finetune.py [CONFIG.yaml|CONFIG.json] [--flag value ...]  "
+              "(flags after a config file override it)")
     at = 1 if argv and argv[0].startswith("--local_rank=") else 0  # the DeepSpeed launcher puts it first
     if len(argv) > at and argv[at].endswith(CONFIG_SUFFIXES) and not argv[at].startswith("-"):
         argv = argv[:at] + config_file_argv(argv[at], parser) + argv[at + 1:]
     if "--deepspeed" in argv:
-        if not is_installed("deepspeed"):  # else TrainingArguments raises an ImportError
-            raise ArgumentError("--deepspeed needs DeepSpeed: pip install deepspeed")
-        index = len(argv) - argv[::-1].index("--deepspeed")  # the last one given wins
-        if index < len(argv) and not argv[index].startswith("{"):
-            if not os.path.isfile(argv[index]):
-                raise ArgumentError(f"--deepspeed {argv[index]}: config file not found")
-            try:
-                with open(argv[index], encoding="utf-8") as f:
-                    ds_config = json.load(f)
-            except ValueError as e:
-                raise ArgumentError(f"--deepspeed {argv[index]}: not valid JSON ({e})") from None
-            if not isinstance(ds_config, dict):
-                raise ArgumentError(f"--deepspeed {argv[index]}: a DeepSpeed config is a JSON object "
-                                    f"({{...}}), this file holds a {type(ds_config).__name__}")
+        check_deepspeed_config(argv[len(argv) - argv[::-1].index("--deepspeed"):])  # the last one given wins
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as e:  # TrainingArguments' own checks (bf16 support, fp16 with bf16, ...)
         raise ArgumentError(explain_training_error(str(e))) from None
-    model_args.use_lora = model_args.use_lora or model_args.qlora  # QLoRA is LoRA over 4-bit weights
-    check_arguments(model_args, data_args, training_args)
-    if training_args.deepspeed and training_args.use_cpu:
-        # On CPU, accelerate starts a gloo process group without telling DeepSpeed; hand it over
-        # so that ZeRO sees the real world size.
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
+    check_together(model_args, data_args, training_args)
     return model_args, data_args, training_args
+
+
+def check_deepspeed_config(after_flag: list[str]) -> None:
+    """DeepSpeed installed, and the value of --deepspeed (``after_flag[0]``) an existing JSON object file
+    (else TrainingArguments fails with an ImportError or a traceback)."""
+    if not is_installed("deepspeed"):
+        raise ArgumentError("--deepspeed needs DeepSpeed: pip install deepspeed")
+    if not after_flag or after_flag[0].startswith("{"):  # none (argparse says so) or inline JSON
+        return
+    path = after_flag[0]
+    if not os.path.isfile(path):
+        raise ArgumentError(f"--deepspeed {path}: config file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            ds_config = json.load(f)
+    except ValueError as e:
+        raise ArgumentError(f"--deepspeed {path}: not valid JSON ({e})") from None
+    if not isinstance(ds_config, dict):
+        raise ArgumentError(f"--deepspeed {path}: a DeepSpeed config is a JSON object "
+                            f"({{...}}), this file holds a {type(ds_config).__name__}")

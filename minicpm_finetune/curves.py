@@ -6,12 +6,12 @@ Usage: ``python -m minicpm_finetune.curves OUTPUT_DIR`` reads ``OUTPUT_DIR/train
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
+
+from .cli import FinetuneError, OneLineParser, atomic_path, command
 
 LOSS_KEY = "loss"
 EVAL_LOSS_KEY = "eval_loss"
@@ -41,9 +41,9 @@ def curve_series(log_history: list[dict]) -> dict[str, tuple[list[int], list[flo
     """The points to plot, as {log key: (steps, values)}, in log order.
 
     Keys are ``loss`` (training), ``eval_loss``, each ``eval_rouge-*`` / ``eval_bleu-4`` / ``eval_accuracy``
-    and, for DPO, each ``eval_rewards/*`` present. Skipped: entries without a numeric ``step``, the end-of-training summary (it
-    carries ``train_runtime`` and an average ``train_loss``, not a point on the curve), and
-    values that are not finite numbers (they cannot be drawn). Series without points are absent.
+    and, for DPO, each ``eval_rewards/*`` present. Skipped: entries without a numeric ``step``, the end-of-training
+    summary (it carries ``train_runtime`` and an average ``train_loss``, not a point on the curve), and values
+    that are not finite numbers (they cannot be drawn). Series without points are absent.
     """
     series: dict[str, tuple[list[int], list[float]]] = {}
     for entry in log_history:
@@ -164,14 +164,8 @@ def plot_training_curves(log_history: list[dict], output_path) -> Path:
         axes[0].set_xlim((low + high) / 2 - 1, (low + high) / 2 + 1)
 
     output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = output_path.with_name(f".{output_path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp_path, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp_path, output_path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with atomic_path(output_path) as tmp_path:
+        fig.savefig(tmp_path, format="png")
     return output_path
 
 
@@ -185,36 +179,41 @@ def find_trainer_state(output_dir: Path) -> Path:
         if path.parent.name.removeprefix("checkpoint-").isdigit()
     ]
     if not checkpoints:
-        raise FileNotFoundError(f"no trainer_state.json in {output_dir} or its checkpoint-*/ folders")
+        raise FinetuneError(f"no trainer_state.json in {output_dir} or its checkpoint-*/ folders")
     # By step number, not name: checkpoint-1000 is newer than checkpoint-900.
     return max(checkpoints, key=lambda path: int(path.parent.name.removeprefix("checkpoint-")))
 
 
+def read_log_history(output_dir: Path) -> tuple[Path, list[dict]]:
+    """The trainer state file of a run folder (see find_trainer_state) and its log history; FinetuneError if none."""
+    if not output_dir.is_dir():
+        raise FinetuneError(f"{output_dir} is not a directory")
+    state_path = find_trainer_state(output_dir)
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise FinetuneError(f"{state_path}: invalid JSON ({e})") from None
+    except OSError as e:
+        raise FinetuneError(f"{state_path}: cannot read ({e.strerror or e})") from None
+    log_history = state.get("log_history") if isinstance(state, dict) else None
+    if not isinstance(log_history, list) or not all(isinstance(x, dict) for x in log_history):
+        raise FinetuneError(f"{state_path}: no log_history list of objects")
+    return state_path, log_history
+
+
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m minicpm_finetune.curves",
         description=f"Plot the training curves of a run into OUTPUT_DIR/{PNG_NAME}.",
     )
     parser.add_argument("output_dir", type=Path, help="the training output folder")
     output_dir = parser.parse_args(argv).output_dir
+    state_path, log_history = read_log_history(output_dir)
     try:
-        if not output_dir.is_dir():
-            raise FileNotFoundError(f"{output_dir} is not a directory")
-        state_path = find_trainer_state(output_dir)
-        try:
-            state = json.loads(state_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{state_path}: invalid JSON ({e})") from None
-        log_history = state.get("log_history") if isinstance(state, dict) else None
-        if not isinstance(log_history, list) or not all(isinstance(x, dict) for x in log_history):
-            raise ValueError(f"{state_path}: no log_history list of objects")
-        try:
-            png = plot_training_curves(log_history, output_dir / PNG_NAME)
-        except ValueError as e:
-            raise ValueError(f"{state_path}: {e}") from None
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        png = plot_training_curves(log_history, output_dir / PNG_NAME)
+    except ValueError as e:  # nothing to plot
+        raise FinetuneError(f"{state_path}: {e}") from None
     print(png)
     return 0
 

@@ -21,7 +21,6 @@ Preview before training:
 
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import json
@@ -33,6 +32,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import formats as registry
+from .cli import (ArgumentError, FinetuneError, OneLineParser, atomic_path, command, load_error, looks_local,
+                  write_atomic)
 from .formats import check_messages  # noqa: F401 - part of this module's interface (preference.py uses it)
 from .encoding import (ENCODER_VERSION, IGNORE_INDEX, TemplateError, encoded_schema, get_encoder,
                        tokenizer_fingerprint)
@@ -44,7 +45,7 @@ PLACEHOLDER_REPLY = "-"
 _CHUNK = 1 << 20
 
 
-class DataError(Exception):
+class DataError(FinetuneError):
     """Bad training data; the message names the file, the record and the problem."""
 
 
@@ -139,8 +140,6 @@ def _parse(text: str):
 
 
 def _is_hub_name(path: str) -> bool:
-    from .arguments import looks_local
-
     return not looks_local(path.split(":")[0])
 
 
@@ -346,14 +345,17 @@ def read_records(path: str):
         if number == 0:
             raise DataError(f"{path}: no records")
         return
-    with open(path, "rb") as f:
-        head = f.read(4096)
-        while head.strip() == b"" and head:
+    try:
+        with open(path, "rb") as f:
             head = f.read(4096)
-    first = head.lstrip().lstrip(b"\xef\xbb\xbf").lstrip()[:1]
-    if not first:
-        raise DataError(f"{path}: file is empty")
-    yield from (_json_array_records(path) if first == b"[" else _jsonl_records(path))
+            while head.strip() == b"" and head:
+                head = f.read(4096)
+        first = head.lstrip().lstrip(b"\xef\xbb\xbf").lstrip()[:1]
+        if not first:
+            raise DataError(f"{path}: file is empty")
+        yield from (_json_array_records(path) if first == b"[" else _jsonl_records(path))
+    except OSError as e:  # unreadable: permissions, a folder, an I/O error
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def _location(path: str, number: int) -> str:
@@ -361,27 +363,6 @@ def _location(path: str, number: int) -> str:
     if os.path.isfile(path) and not path.endswith(".parquet"):
         return f"{path}:{number}"
     return f"{path}: row {number}"
-
-
-def write_atomic(path: str, text) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see half a file.
-
-    ``text`` is a string or an iterable of strings (written one by one: a large file is never built whole)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            if isinstance(text, str):
-                f.write(text)
-            else:
-                f.writelines(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------- checking
@@ -459,9 +440,7 @@ def _write_checked(path: str, rows, batch_rows: int = 10_000) -> None:
     import pyarrow as pa
 
     schema = pa.schema([(name, pa.type_for_alias(kind)) for name, kind in _CHECKED_COLUMNS.items()])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+    with atomic_path(path) as tmp:
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             batch = []
 
@@ -477,10 +456,6 @@ def _write_checked(path: str, rows, batch_rows: int = 10_000) -> None:
                     flush()
             if batch:
                 flush()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 @dataclass
@@ -748,14 +723,15 @@ def is_preference_file(path: str) -> bool:
     return False
 
 
+@command
 def main(argv=None) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from .templates import apply_template, resolve_chat_template
 
-    parser = argparse.ArgumentParser(prog="python -m minicpm_finetune.data",
-                                     description="Check a data file (SFT or DPO preference pairs) and preview its tokens "
-                                                 "and loss mask.")
+    parser = OneLineParser(prog="python -m minicpm_finetune.data",
+                           description="Check a data file (SFT or DPO preference pairs) and preview its tokens and "
+                                       "loss mask.")
     parser.add_argument("--tokenizer", required=True, help="tokenizer or model folder (or hub id)")
     parser.add_argument("--data", required=True, help="JSON / JSON Lines / Parquet file, save_to_disk folder or "
                         "hub dataset name")
@@ -768,33 +744,24 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.path.isdir(args.tokenizer) and not any(os.path.isfile(os.path.join(args.tokenizer, name)) for name in
                                                  ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        print(f"error: --tokenizer {args.tokenizer}: no tokenizer files in this folder (tokenizer.json, "
-              "tokenizer.model or tokenizer_config.json)", file=sys.stderr)
-        return 2
+        raise ArgumentError(f"--tokenizer {args.tokenizer}: no tokenizer files in this folder (tokenizer.json, "
+                            "tokenizer.model or tokenizer_config.json)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     except Exception as e:  # noqa: BLE001 - any load failure is reported in one line
-        print(f"error: cannot load tokenizer {args.tokenizer}: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+        raise load_error(f"tokenizer {args.tokenizer}", e) from None
     try:  # the template training would use: the flag, the tokenizer's, else the model type's
         model_type = AutoConfig.from_pretrained(args.tokenizer).model_type
     except (OSError, ValueError):  # a tokenizer without a model config
         model_type = None
-    try:
-        apply_template(tokenizer, resolve_chat_template(tokenizer, model_type, args.chat_template))
-        if is_preference_file(args.data):  # DPO pairs: prompt, chosen and rejected with their scored spans
-            from .preference import preview_pairs
+    apply_template(tokenizer, resolve_chat_template(tokenizer, model_type, args.chat_template))
+    if is_preference_file(args.data):  # DPO pairs: prompt, chosen and rejected with their scored spans
+        from .preference import preview_pairs
 
-            return preview_pairs(tokenizer, args.data, args.model_max_length, args.skip_bad_samples)
-        conversations = load_conversations(args.data, args.data_format, args.skip_bad_samples)
-        dataset, stats = tokenize_dataset(conversations, tokenizer, args.model_max_length,
-                                          args.preprocessing_num_workers, source=args.data)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # unreadable (permissions, a folder, an I/O error)
-        print(f"error: {args.data}: cannot read ({e.strerror or e})", file=sys.stderr)
-        return 2
+        return preview_pairs(tokenizer, args.data, args.model_max_length, args.skip_bad_samples)
+    conversations = load_conversations(args.data, args.data_format, args.skip_bad_samples)
+    dataset, stats = tokenize_dataset(conversations, tokenizer, args.model_max_length,
+                                      args.preprocessing_num_workers, source=args.data)
     print(stats.summary(args.data))
     if len(dataset):
         first = dataset[0]

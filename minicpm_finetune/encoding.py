@@ -30,12 +30,14 @@ from itertools import chain
 
 import numpy as np
 
+from .cli import ArgumentError, FinetuneError
+
 IGNORE_INDEX = -100
 ENCODER_VERSION = "3"  # part of the tokenized cache key: bump when the ids or labels change
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
 
 
-class TemplateError(ValueError):
+class TemplateError(FinetuneError):
     """The chat template cannot render what the data needs (e.g. tool calls)."""
 
 
@@ -66,7 +68,7 @@ class ChatEncoder:
 
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None:
-            raise ValueError("the data path needs a fast tokenizer (tokenizer.json or a convertible "
+            raise ArgumentError("the data path needs a fast tokenizer (tokenizer.json or a convertible "
                              "SentencePiece model)")
         self.tokenizer = tokenizer
         self.template = tokenizer.chat_template

@@ -13,8 +13,8 @@ the same logits as the MiniCPM one.
 through the hub's local cache), applies the adapter and merges it. The merge math runs in fp32 (the
 base is upcast, merged, then cast back), and the result is saved in the dtype of the base weights
 unless ``--dtype`` says otherwise; a bf16 base therefore gives a bf16 merged model, with one rounding
-of the merged weight rather than one per step. The tokenizer (and its chat template) comes from the adapter folder when it has one, else
-from the base.
+of the merged weight rather than one per step. The tokenizer (and its chat template) comes from the adapter
+folder when it has one, else from the base.
 
 Every output keeps the tokenizer's own files (``tokenizer.model`` and its settings, see portable.py);
 a merged MiniCPM also carries its model code and an ``auto_map``, so it loads without this package
@@ -24,31 +24,22 @@ Both write to a temporary folder next to OUT and rename it at the end, so OUT is
 or absent. Bad arguments print one ``error: ...`` line and exit with status 2.
 """
 
-import argparse
 import json
 import os
 import shutil
 import sys
-import tempfile
 
 import torch
 
+from .cli import FinetuneError, OneLineParser, atomic_path, command, load_error, looks_local
 from .families import FAMILIES, family_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROMPT_LEARNING_TYPES = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT"}
 
 
-class ExportError(Exception):
-    """A problem with the user's arguments or inputs; reported as one line, exit status 2."""
-
-
-class _OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse prints usage plus the error; we promise a single `error: ...` line."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+class ExportError(FinetuneError):
+    """A problem with the user's inputs (a model or adapter folder, the output folder)."""
 
 
 def fold_into_llama(model):
@@ -111,27 +102,10 @@ def _save_tokenizer(source: str, output_dir: str) -> None:
         copy_tokenizer(folder, output_dir)
 
 
-def _write_atomically(output_dir: str, write) -> None:
-    """Call write(tmp_dir) on a fresh folder next to output_dir, then rename it to output_dir."""
-    output_dir = os.path.abspath(output_dir)
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-    try:
-        write(tmp_dir)
-        os.rename(tmp_dir, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-
-
 def _check_output_dir(output_dir: str) -> None:
-    from .outputs import OutputDirError, check_output_path
+    from .outputs import check_output_path
 
-    try:  # a file, or a place that cannot be written: said before the model is loaded
-        check_output_path(output_dir)
-    except OutputDirError as err:
-        raise ExportError(str(err)) from None
+    check_output_path(output_dir)  # a file, or a place that cannot be written: said before the model is loaded
     if os.path.exists(output_dir) and os.listdir(output_dir):
         raise ExportError(f"output_dir already exists and is not empty: {output_dir}")
 
@@ -158,11 +132,9 @@ def export_llama(model_dir: str, output_dir: str, dtype: str | None = None) -> N
     llama = fold_into_llama(model)
     del model
 
-    def write(tmp_dir):  # Llama layout: transformers' own class, no model code to ship
+    with atomic_path(output_dir, folder=True) as tmp_dir:  # Llama layout: transformers' own class, no code to ship
         llama.save_pretrained(tmp_dir)
         _save_tokenizer(model_dir, tmp_dir)
-
-    _write_atomically(output_dir, write)
 
 
 def _read_adapter_config(adapter_dir: str) -> dict:
@@ -214,7 +186,6 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str | None = None) -
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .arguments import looks_local
     from .portable import has_tokenizer, ship_model_code
 
     adapter_config = _read_adapter_config(adapter_dir)
@@ -229,25 +200,23 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str | None = None) -
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     except OSError as err:  # e.g. a hub id that is neither in the local cache nor reachable
-        raise ExportError(f"cannot load the base model {base} ({named_in}): "
-                          f"{str(err).strip().splitlines()[0]}") from None
+        raise load_error(f"the base model {base} ({named_in})", err) from None
     target_dtype = DTYPES[dtype] if dtype else model.dtype
     model = PeftModel.from_pretrained(model.float(), adapter_dir).merge_and_unload()
     model = model.to(target_dtype)
     model.config.dtype = target_dtype
 
-    def write(tmp_dir):
+    with atomic_path(output_dir, folder=True) as tmp_dir:
         _copy_remote_code_or_drop_auto_map(model, base, tmp_dir)
         model.save_pretrained(tmp_dir)
         ship_model_code(tmp_dir)
         # The adapter's tokenizer is the one it was trained with (finetune.py saves it); else the base's.
         _save_tokenizer(adapter_dir if has_tokenizer(adapter_dir) else base, tmp_dir)
 
-    _write_atomically(output_dir, write)
 
-
+@command
 def main(argv: list[str] | None = None) -> int:
-    parser = _OneLineArgumentParser(prog="python -m minicpm_finetune.export", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m minicpm_finetune.export", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     llama = commands.add_parser("llama", help="fold a MiniCPM model into Llama layout")
     llama.add_argument("--model", required=True, help="MiniCPM model folder")
@@ -259,14 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--dtype", choices=sorted(DTYPES), help="default: the dtype of the base weights")
     args = parser.parse_args(argv)
 
-    try:
-        if args.command == "llama":
-            export_llama(args.model, args.output_dir, args.dtype)
-        else:
-            merge_adapter(args.adapter, args.output_dir, args.dtype)
-    except ExportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.command == "llama":
+        export_llama(args.model, args.output_dir, args.dtype)
+    else:
+        merge_adapter(args.adapter, args.output_dir, args.dtype)
     print(f"wrote {args.output_dir}")
     return 0
 

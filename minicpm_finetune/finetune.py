@@ -15,7 +15,8 @@ import sys
 import torch
 from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, set_seed
 
-from minicpm_finetune.arguments import ArgumentError, parse_args, read_model_config, run_settings
+from minicpm_finetune.arguments import check_against_model, parse_args, read_model_config, run_settings
+from minicpm_finetune.cli import command, fail, load_error, print_error
 from minicpm_finetune.curves import plot_training_curves
 from minicpm_finetune.data import IGNORE_INDEX, DataError, check_files, load_conversations, tokenize_dataset
 from minicpm_finetune.families import note
@@ -23,19 +24,13 @@ from minicpm_finetune.generation import generation_kwargs
 from minicpm_finetune.metrics import parse_metric_names
 from minicpm_finetune.model import load_model, load_tokenizer
 from minicpm_finetune.packing import PackingCollator, pack_dataset, packing_summary
-from minicpm_finetune.outputs import (OutputDirError, check_output_dir, clear_previous_run, lock_output_dir,
-                                      out_of_space, save_final_model, unlock_output_dir)
+from minicpm_finetune.outputs import (check_output_dir, clear_previous_run, lock_output_dir, out_of_space,
+                                      save_final_model, unlock_output_dir)
 from minicpm_finetune.prompts import eval_samples
 from minicpm_finetune.results import save_metrics, save_predictions
-from minicpm_finetune.safety import NonFiniteLossError, ProcessReport, checkpoint_step, latest_checkpoint
+from minicpm_finetune.safety import (NonFiniteLossError, ProcessReport, checkpoint_step, latest_checkpoint,
+                                     resolve_resume)
 from minicpm_finetune.trainer import MiniCPMTrainer
-
-
-def fail(message: str) -> None:
-    """One line on stderr (from the first process only) and a non-zero exit."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def claim_output_dir(model_args, training_args, settings) -> None:
@@ -44,12 +39,9 @@ def claim_output_dir(model_args, training_args, settings) -> None:
     --overwrite_output_dir removes the earlier run."""
     if training_args.process_index != 0:
         return
-    try:
-        lock_output_dir(training_args.output_dir)
-        check_output_dir(training_args.output_dir, settings, training_args.resume_from_checkpoint,
-                         training_args.overwrite_output_dir, check_lock=False)
-    except OutputDirError as e:
-        fail(str(e))
+    lock_output_dir(training_args.output_dir)
+    check_output_dir(training_args.output_dir, settings, training_args.resume_from_checkpoint,
+                     training_args.overwrite_output_dir, check_lock=False)
     if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
         removed = clear_previous_run(training_args.output_dir)
         if removed:
@@ -63,7 +55,7 @@ def train_and_save(trainer, training_args, finish) -> None:
     A NaN loss, Ctrl-C or a full disk ends the run with one line saying what is kept and how to go on.
     """
     saved = False
-    try:  # resume_from_checkpoint: a complete checkpoint folder (arguments.py resolves "true"/"latest")
+    try:  # resume_from_checkpoint: a complete checkpoint folder (main resolves "true"/"latest")
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         # LoRA: the adapter; full: the whole model (gathered under ZeRO-3); both + tokenizer. Staged and moved
         # in, config last: a kill during the save leaves no config beside partial weights.
@@ -72,7 +64,7 @@ def train_and_save(trainer, training_args, finish) -> None:
         saved = True
         finish()
     except NonFiniteLossError as e:
-        fail(str(e))
+        fail(e)
     except KeyboardInterrupt:
         stop(trainer, "interrupted (Ctrl-C)", 130, saved)
     except Exception as e:
@@ -94,10 +86,17 @@ def stop(trainer, why: str, status: int, saved: bool, then: str = "continue") ->
                 "--resume_from_checkpoint true")
     else:
         kept = "no complete checkpoint was saved yet; run the command again to start over"
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {why} at step {trainer.state.global_step}: {kept}", file=sys.stderr, flush=True)
+    print_error(f"{why} at step {trainer.state.global_step}: {kept}")
     sys.stdout.flush()
     os._exit(status)  # no interpreter teardown: dataloader and process-group threads could print tracebacks
+
+
+def load_tokenizer_of(model_args):
+    """The model's tokenizer; one that cannot be found (a hub id not in the cache, no tokenizer files) is bad input."""
+    try:
+        return load_tokenizer(model_args)
+    except OSError as e:
+        raise load_error(model_args.model_name_or_path, e) from None
 
 
 def prepare_data(data_args, training_args, tokenizer):
@@ -158,16 +157,30 @@ def evaluate_at_end(trainer, datasets, args, test_samples=None):
         print(f"note: no training curves: {e}")
 
 
+def start_distributed(training_args) -> None:
+    """DeepSpeed on the CPU: accelerate has started a gloo process group (while TrainingArguments was made)
+    without telling DeepSpeed; hand it over, so that ZeRO sees the real world size."""
+    if training_args.deepspeed and training_args.use_cpu:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+
+
+@command  # the project's own errors (bad flags, data, output folder) end the run with one line, exit 2
 def main(argv=None):
-    try:
-        model_args, data_args, training_args = parse_args(argv)
-        # The output folder: free, or this run's own to resume (outputs.py); rank 0 alone takes its lock.
-        config = read_model_config(model_args)
-        settings = run_settings(model_args, config)
-        check_output_dir(training_args.output_dir, settings, training_args.resume_from_checkpoint,
-                         training_args.overwrite_output_dir, check_lock=training_args.process_index == 0)
-    except (ArgumentError, OutputDirError) as e:
-        fail(str(e))
+    """parse -> start distributed -> resolve the checkpoint to resume -> check the flags against the model's
+    config -> check the output folder -> data -> model -> train (and save, evaluate); returns the trainer."""
+    model_args, data_args, training_args = parse_args(argv)
+    start_distributed(training_args)
+    # "true"/"latest": the newest complete checkpoint-N in --output_dir
+    training_args.resume_from_checkpoint = resolve_resume(training_args.resume_from_checkpoint,
+                                                          training_args.output_dir)
+    config = read_model_config(model_args)  # config.json alone, no weights (None: a hub id offline, remote code)
+    check_against_model(model_args, training_args, config)
+    # The output folder: free, or this run's own to resume (outputs.py); rank 0 alone takes its lock.
+    settings = run_settings(model_args, config)
+    check_output_dir(training_args.output_dir, settings, training_args.resume_from_checkpoint,
+                     training_args.overwrite_output_dir, check_lock=training_args.process_index == 0)
     family_note = note(config)  # a model family without the chunked loss, or one the table does not know
     if family_note and training_args.process_index == 0:
         print(family_note)
@@ -175,11 +188,8 @@ def main(argv=None):
     if training_args.stage == "dpo":
         return train_preferences(model_args, data_args, training_args, settings)
 
-    try:
-        tokenizer = load_tokenizer(model_args)
-        datasets, samples = prepare_data(data_args, training_args, tokenizer)
-    except (DataError, ValueError, OSError) as e:
-        fail(str(e))
+    tokenizer = load_tokenizer_of(model_args)
+    datasets, samples = prepare_data(data_args, training_args, tokenizer)
 
     # Pad each batch to its own longest sample, never to model_max_length; or pack samples into full rows.
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX)
@@ -231,11 +241,8 @@ def train_preferences(model_args, data_args, training_args, settings):
     from minicpm_finetune.dpo import PreferenceTrainer, load_reference_model
     from minicpm_finetune.preference import prepare_preference_data
 
-    try:
-        tokenizer = load_tokenizer(model_args)
-        datasets = prepare_preference_data(data_args, training_args, tokenizer)
-    except (DataError, ValueError, OSError) as e:
-        fail(str(e))
+    tokenizer = load_tokenizer_of(model_args)
+    datasets = prepare_preference_data(data_args, training_args, tokenizer)
     claim_output_dir(model_args, training_args, settings)
     model = load_model(model_args, training_args)
     # The reference is the starting model: with LoRA this model with its adapter off, else a frozen copy.
@@ -257,7 +264,7 @@ def run() -> int:
     try:
         main()
     except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C) before training started; nothing to resume", file=sys.stderr)
+        print_error("interrupted (Ctrl-C) before training started; nothing to resume")
         return 130
     return 0
 

@@ -13,21 +13,11 @@ exchanges, and a prompt too long on its own is refused. Chat and --prompt replie
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-from .arguments import looks_local
-
-
-class UsageError(Exception):
-    """Bad arguments: reported as one line, exit status 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(message)
+from .cli import ArgumentError, OneLineParser, command, load_error, looks_local, print_error
 
 
 def parse_args(argv=None):
@@ -63,23 +53,37 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--trust_remote_code", action="store_true")
     args = parser.parse_args(argv)
-    if args.prompt is not None and args.input_file:
-        raise UsageError("give --prompt or --input_file, not both")
-    for name in ("prompt", "system"):
-        if getattr(args, name) is not None and not is_utf8(getattr(args, name)):
-            raise UsageError(f"--{name} is not valid UTF-8 text (check the terminal's or the script's encoding)")
-    if args.input_file:
-        if not os.path.isfile(args.input_file):
-            raise UsageError(f"--input_file {args.input_file}: file not found")
-        if not args.output_file:
-            raise UsageError("--input_file needs --output_file")
-    for name in ("batch_size", "max_new_tokens", "num_beams", "max_length"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.max_length is not None and args.max_new_tokens >= args.max_length:
-        raise UsageError(no_room_text(args))
+    check_args(args)
     args.base, args.adapter = resolve_model(args.model_name_or_path, args.adapter)
     return args
+
+
+def check_args(args) -> None:
+    """ArgumentError for flags that cannot work together, before anything is loaded; --eval_metrics becomes a list."""
+    from minicpm_finetune.metrics import parse_metric_names
+    from minicpm_finetune.outputs import check_output_path
+
+    if args.prompt is not None and args.input_file:
+        raise ArgumentError("give --prompt or --input_file, not both")
+    for name in ("prompt", "system"):
+        if getattr(args, name) is not None and not is_utf8(getattr(args, name)):
+            raise ArgumentError(f"--{name} is not valid UTF-8 text (check the terminal's or the script's encoding)")
+    if args.input_file and not os.path.isfile(args.input_file):
+        raise ArgumentError(f"--input_file {args.input_file}: file not found")
+    if args.input_file and not args.output_file:
+        raise ArgumentError("--input_file needs --output_file")
+    for name in ("batch_size", "max_new_tokens", "num_beams", "max_length"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise ArgumentError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.max_length is not None and args.max_new_tokens >= args.max_length:
+        raise ArgumentError(no_room_text(args))
+    try:
+        args.eval_metrics = parse_metric_names(args.eval_metrics)
+    except ValueError as e:
+        raise ArgumentError(f"--eval_metrics: {e}") from None
+    for flag in ("output_file", "metrics_file"):  # where the results go, before minutes of generating them
+        if getattr(args, flag):
+            check_output_path(getattr(args, flag), f"--{flag}", folder=False)
 
 
 def is_utf8(text: str) -> bool:
@@ -98,25 +102,25 @@ def no_room_text(args) -> str:
 def resolve_model(model: str, adapter: str | None) -> tuple[str, str | None]:
     """(base model, adapter folder or None); a LoRA folder given as the model names its base itself."""
     if looks_local(model) and not os.path.isdir(model):
-        raise UsageError(f"--model_name_or_path {model}: folder not found")
+        raise ArgumentError(f"--model_name_or_path {model}: folder not found")
     is_adapter = os.path.isfile(os.path.join(model, "adapter_config.json"))
     if os.path.isdir(model) and not is_adapter and not os.path.isfile(os.path.join(model, "config.json")):
-        raise UsageError(f"--model_name_or_path {model}: no config.json in this folder (not a model folder, "
+        raise ArgumentError(f"--model_name_or_path {model}: no config.json in this folder (not a model folder, "
                          "or its download is incomplete)")
     if adapter is not None:
         if not os.path.isdir(adapter):
-            raise UsageError(f"--adapter {adapter}: folder not found")
+            raise ArgumentError(f"--adapter {adapter}: folder not found")
         if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-            raise UsageError(f"--adapter {adapter}: not a LoRA adapter (no adapter_config.json)")
+            raise ArgumentError(f"--adapter {adapter}: not a LoRA adapter (no adapter_config.json)")
         if is_adapter:
-            raise UsageError(f"--model_name_or_path {model} is an adapter too; give the base model with --adapter")
+            raise ArgumentError(f"--model_name_or_path {model} is an adapter too; give the base model with --adapter")
         return model, adapter
     if not is_adapter:
         return model, None
     with open(os.path.join(model, "adapter_config.json"), encoding="utf-8") as f:
         base = json.load(f).get("base_model_name_or_path")
     if not base or (looks_local(base) and not os.path.isdir(base)):
-        raise UsageError(f"{model}/adapter_config.json: base model {base!r} not found; "
+        raise ArgumentError(f"{model}/adapter_config.json: base model {base!r} not found; "
                          f"give it with --model_name_or_path BASE --adapter {model}")
     return base, model
 
@@ -267,7 +271,7 @@ def chat(model, tokenizer, args, gen_kwargs) -> int:
         except UnicodeDecodeError:  # stdin strict UTF-8 (a UTF-8 locale)
             text = None
         if text is None or not is_utf8(text):
-            print("error: this message is not valid UTF-8 text; not sent", file=sys.stderr, flush=True)
+            print_error("this message is not valid UTF-8 text; not sent")
             status = 2
             continue
         if text == "exit":
@@ -282,7 +286,7 @@ def chat(model, tokenizer, args, gen_kwargs) -> int:
             fitted, dropped = fit_prompt(tokenizer, history + [{"role": "user", "content": text}],
                                          args.max_length, args.max_new_tokens)
         except PromptTooLong as e:  # the conversation goes on without this message
-            print("error: " + too_long_text("this message", e) + "; not sent", file=sys.stderr, flush=True)
+            print_error(too_long_text("this message", e) + "; not sent")
             status = 2
             continue
         if dropped:  # gone for good, so the note shows once per drop, not at every later turn
@@ -294,68 +298,54 @@ def chat(model, tokenizer, args, gen_kwargs) -> int:
     return status
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from minicpm_finetune.data import DataError
-    from minicpm_finetune.generation import generation_kwargs
-    from minicpm_finetune.metrics import parse_metric_names
-    from minicpm_finetune.outputs import OutputDirError, check_output_path
-    from minicpm_finetune.prompts import PromptTooLong, context_limit, fit_prompt
+def fit_max_length(args, config, tokenizer) -> None:
+    """--max_length: the model's context unless given; a reply of --max_new_tokens must leave room for a prompt."""
+    from minicpm_finetune.prompts import context_limit
 
-    try:
-        args.eval_metrics = parse_metric_names(args.eval_metrics)
-    except ValueError as e:
-        print(f"error: --eval_metrics: {e}", file=sys.stderr)
-        return 2
-    try:  # where the results go, before minutes of generating them
-        for flag in ("output_file", "metrics_file"):
-            if getattr(args, flag):
-                check_output_path(getattr(args, flag), f"--{flag}", folder=False)
-    except OutputDirError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-    try:
-        tokenizer, config = load_tokenizer_and_config(args)
-    except (OSError, ValueError) as e:  # the first line says what
-        print(f"error: cannot load {args.base}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
     model_limit = context_limit(config, tokenizer)
     if args.max_length is None:
         args.max_length = model_limit  # None when neither config nor tokenizer says: no limit
     elif model_limit is not None and args.max_length > model_limit:
         print(f"warning: --max_length {args.max_length} is above the model's {model_limit} positions", file=sys.stderr)
     if args.max_length is not None and args.max_new_tokens >= args.max_length:  # the model's own limit
-        print(f"error: {no_room_text(args)}", file=sys.stderr)
-        return 2
+        raise ArgumentError(no_room_text(args))
 
+
+def one_prompt(tokenizer, args) -> list[dict]:
+    """--prompt (after --system) as messages, checked to fit --max_length."""
+    from minicpm_finetune.prompts import PromptTooLong, fit_prompt
+
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+               [{"role": "user", "content": args.prompt}]
+    try:
+        fit_prompt(tokenizer, messages, args.max_length, args.max_new_tokens)
+    except PromptTooLong as e:
+        raise ArgumentError(too_long_text("--prompt with --system" if args.system else "--prompt", e)) from None
+    return messages
+
+
+def load_or_fail(load, args):
+    """``load(args)``; a model transformers cannot load is one line naming it."""
+    try:
+        return load(args)
+    except (OSError, ValueError) as e:  # e.g. a folder without weights, a hub id not in the cache
+        raise load_error(args.base, e) from None
+
+
+@command
+def main(argv=None) -> int:
+    from minicpm_finetune.generation import generation_kwargs
+
+    args = parse_args(argv)
+    tokenizer, config = load_or_fail(load_tokenizer_and_config, args)
+    fit_max_length(args, config, tokenizer)
     # Prompts are checked before the weights load, so a bad one is reported at once.
     if args.input_file:
-        try:
-            samples, numbers = read_samples(args.input_file, args.data_format, args.every_turn)
-            prompts = fit_file_prompts(tokenizer, samples, numbers, args)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        samples, numbers = read_samples(args.input_file, args.data_format, args.every_turn)
+        prompts = fit_file_prompts(tokenizer, samples, numbers, args)
     elif args.prompt is not None:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                   [{"role": "user", "content": args.prompt}]
-        try:
-            fit_prompt(tokenizer, messages, args.max_length, args.max_new_tokens)
-        except PromptTooLong as e:
-            what = "--prompt with --system" if args.system else "--prompt"
-            print("error: " + too_long_text(what, e), file=sys.stderr)
-            return 2
-
-    try:
-        model = load_model(args)
-    except (OSError, ValueError) as e:  # e.g. a folder without weights; the first line says what
-        print(f"error: cannot load {args.base}: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+        messages = one_prompt(tokenizer, args)
+    model = load_or_fail(load_model, args)
     gen_kwargs = generation_kwargs(args.num_beams, args.do_sample, args.temperature, args.top_p)
     if args.input_file:
         predict_file(model, tokenizer, args, gen_kwargs, samples, prompts)

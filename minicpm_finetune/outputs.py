@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 
+from .cli import FinetuneError, flush_to_disk
 from .safety import CHECKPOINT_RE, checkpoint_step, is_complete_checkpoint
 
 LOCK_NAME = ".finetune.lock"
@@ -42,7 +43,7 @@ SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
 _held_locks = []  # open lock files: the lock lasts as long as the file stays open
 
 
-class OutputDirError(Exception):
+class OutputDirError(FinetuneError):
     """The output folder cannot take this run; the message says why and what to do."""
 
 
@@ -232,7 +233,9 @@ def save_final_model(trainer) -> None:
 
 def move_into(staging: str, output_dir: str) -> None:
     """Replace ``output_dir``'s model with the one in ``staging``: old markers and stale model files go
-    first, then the new files by rename, markers last; ``staging`` is removed."""
+    first, then the new files by rename (flushed to disk first, as every file written into place is: cli.py),
+    markers last; ``staging`` is removed."""
+    flush_to_disk(staging)
     new = set(os.listdir(staging))
     for path in run_files(output_dir):
         name = os.path.basename(path)

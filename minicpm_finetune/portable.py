@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 
+from .cli import write_atomic
 from .families import family_of
 
 # Files that make up a tokenizer. The first three mark a folder as holding one.
@@ -137,8 +138,6 @@ def ship_model_code(output_dir: str) -> None:
     for name in family.code_files:
         shutil.copyfile(os.path.join(package, name), os.path.join(output_dir, name))
     config["auto_map"] = dict(family.native)
-    from .data import write_atomic
-
     write_atomic(config_path, json.dumps(config, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
 
 

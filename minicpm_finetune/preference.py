@@ -21,7 +21,6 @@ Preview before training (the data command tells a preference file by its first r
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,8 +140,9 @@ def check_preference_file(path: str) -> FileCheck:
         if data_format is None:
             data_format = check.data_format = detect_preference_format(obj)
             if data_format is None:
-                raise DataError(f'{path}:{number}: not a preference record: expected "chosen" and "rejected" with '
-                                f'"instruction"/"input", "messages" or "prompt" (formats: {", ".join(PREFERENCE_FORMATS)})')
+                raise DataError(f'{path}:{number}: not a preference record: expected "chosen" and "rejected" '
+                                f'with "instruction"/"input", "messages" or "prompt" '
+                                f'(formats: {", ".join(PREFERENCE_FORMATS)})')
         try:
             pair = to_pair(obj, data_format)
         except ValueError as e:
@@ -246,7 +246,8 @@ def prepare_preference_data(data_args, training_args, tokenizer) -> dict:
         datasets[name], stats = tokenize_pairs(check, tokenizer, training_args.model_max_length)
         log(stats.summary(f"{name} ({check.path}, {check.data_format} format)", training_args.model_max_length))
         if not len(datasets[name]):
-            raise DataError(f"{check.path}: no preference pair fits in --model_max_length {training_args.model_max_length}")
+            raise DataError(f"{check.path}: no preference pair fits in --model_max_length "
+                            f"{training_args.model_max_length}")
     return datasets
 
 
@@ -282,12 +283,8 @@ def preview_pairs(tokenizer, path: str, max_length: int | None, skip_bad_samples
     """The data command's preview of a preference file (``python -m minicpm_finetune.data``): counts, then the
     first pair's chosen and rejected replies with their scored spans in [[...]]; the tokenizer carries the
     template training uses."""
-    try:
-        check = check_preference_files({"data": path}, skip_bad_samples)["data"]
-        dataset, stats = tokenize_pairs(check, tokenizer, max_length)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check = check_preference_files({"data": path}, skip_bad_samples)["data"]
+    dataset, stats = tokenize_pairs(check, tokenizer, max_length)
     print(stats.summary(f"{path} ({check.data_format} format)", max_length))
     if len(dataset):
         first = dataset[0]

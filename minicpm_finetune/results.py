@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .data import write_atomic
+from .cli import write_atomic
 
 
 def save_predictions(path: str, samples: list[tuple[list[dict], str | None]], predictions: list[str]) -> None:

@@ -24,12 +24,14 @@ import zipfile
 import torch
 from transformers import TrainerCallback
 
+from .cli import ArgumentError, FinetuneError
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LATEST = ("true", "latest", "last")
 NOT_RESUMING = ("", "false", "none", "no")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FinetuneError):
     """The training loss became NaN or infinite."""
 
 
@@ -89,22 +91,22 @@ def latest_checkpoint(output_dir: str) -> tuple[str | None, list[str]]:
 
 
 def resolve_resume(value: str | None, output_dir: str) -> str | None:
-    """The checkpoint folder that ``--resume_from_checkpoint value`` means; ValueError if there is none."""
+    """The checkpoint folder that ``--resume_from_checkpoint value`` means; ArgumentError if there is none."""
     if value is None or str(value).strip().lower() in NOT_RESUMING:
         return None
     if str(value).strip().lower() in LATEST:
         path, incomplete = latest_checkpoint(output_dir)
         if path is None:
-            raise ValueError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in "
+            raise ArgumentError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in "
                              f"--output_dir {output_dir}")
         if int(os.environ.get("RANK", "0")) == 0:
             skipped = f" (skipping incomplete {', '.join(map(os.path.basename, incomplete))})" if incomplete else ""
             print(f"resuming from {path}{skipped}")
         return path
     if not os.path.isdir(value):
-        raise ValueError(f"--resume_from_checkpoint {value}: folder not found")
+        raise ArgumentError(f"--resume_from_checkpoint {value}: folder not found")
     if not is_complete_checkpoint(value):
-        raise ValueError(f"--resume_from_checkpoint {value}: incomplete checkpoint (no valid trainer_state.json, "
+        raise ArgumentError(f"--resume_from_checkpoint {value}: incomplete checkpoint (no valid trainer_state.json, "
                          "or missing or truncated weight/optimizer files; it was probably cut off while being saved)")
     return value
 
@@ -125,7 +127,8 @@ class NonFiniteLossGuard:
         if bad.item() > 0:
             step = self.state.global_step + 1
             local = loss.detach().float().mean().item()
-            what = f"loss is {local}" if not torch.isfinite(torch.tensor(local)) else "loss is not finite on another process"
+            finite_here = torch.isfinite(torch.tensor(local))
+            what = "loss is not finite on another process" if finite_here else f"loss is {local}"
             good, _ = latest_checkpoint(self.args.output_dir)
             kept = f"the last good checkpoint is {good}" if good else "no checkpoint was saved before it"
             raise NonFiniteLossError(

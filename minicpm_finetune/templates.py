@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .cli import ArgumentError
 from .families import family_of
 
 MINICPM_TEMPLATE = (
@@ -116,7 +117,7 @@ def resolve_chat_template(tokenizer, model_type: str | None = None, override: st
         if os.path.isfile(override):
             with open(override, encoding="utf-8") as f:
                 return f.read()
-        raise ValueError(f"--chat_template {override!r} is neither one of {sorted(TEMPLATES)} nor a file")
+        raise ArgumentError(f"--chat_template {override!r} is neither one of {sorted(TEMPLATES)} nor a file")
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, str) and own:
         return MINICPM_TEMPLATE if "<用户>" in own else own

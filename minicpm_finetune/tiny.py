@@ -18,13 +18,14 @@ The tests' fixtures keep the random model (``pretrain_steps=0``: fast, and their
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
 import shutil
 import sys
 import tempfile
+
+from .cli import OneLineParser, atomic_path, command
 
 # A little built-in text so a tokenizer can be trained without any data file.
 BASE_CORPUS = [
@@ -169,10 +170,7 @@ def build_tiny(output_dir: str, data_files=(), chat_template: str = "minicpm", s
     from transformers import AutoModelForCausalLM
 
     texts = [t for path in data_files for t in _texts_from_file(path)]
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tiny-", dir=parent)
-    try:
+    with atomic_path(output_dir, folder=True) as staging:
         tokenizer = build_tokenizer(staging, texts, chat_template)
         torch.manual_seed(seed)
         if pretrain_steps:
@@ -183,17 +181,14 @@ def build_tiny(output_dir: str, data_files=(), chat_template: str = "minicpm", s
         if pretrain_steps:
             pretrain(model, tokenizer, BASE_CORPUS + texts, pretrain_steps, seed)
         model.save_pretrained(staging)
-        if os.path.exists(output_dir):
+        if os.path.exists(output_dir):  # a rebuild replaces the old model
             shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 
+@command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minicpm_finetune.tiny", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m minicpm_finetune.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--data", nargs="*", default=[], help="data files whose text trains the tokenizer")
     parser.add_argument("--chat_template", choices=["minicpm", "chatml"], default="minicpm")
@@ -202,13 +197,7 @@ def main(argv=None) -> int:
                         help="language-modelling steps on the tokenizer's texts so the model learns like a real one "
                              "(0: a random model)")
     args = parser.parse_args(argv)
-    from .data import DataError
-
-    try:
-        build_tiny(args.output_dir, args.data, args.chat_template, args.seed, args.pretrain_steps)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    build_tiny(args.output_dir, args.data, args.chat_template, args.seed, args.pretrain_steps)
     kind = f"pretrained ({args.pretrain_steps} steps)" if args.pretrain_steps else "random"
     print(f"wrote a tiny {kind} MiniCPM and tokenizer to {args.output_dir}")
     return 0

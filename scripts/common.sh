@@ -20,11 +20,28 @@ gpu_count() {
   if (( n > 0 )); then echo "$n"; else echo 1; fi
 }
 
-# A hub id looks like owner/name and is not a local path; anything else must exist as a folder.
-check_model_path() {
-  if [[ -d "$1" ]]; then return; fi
-  if [[ "$1" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$ && ! "$1" =~ ^\. ]]; then return; fi
-  die "MODEL_PATH $1: folder not found"
+# The settings both scripts share, unless set in the environment; $1 is lora or sft. The demo (when "$2" is
+# --demo; the caller shifts it away) fills in its own first.
+set_defaults() {
+  if [[ "${2:-}" == --demo ]]; then prepare_demo "$1"; fi
+  CONFIG=${CONFIG:-configs/$1.yaml}
+  MODEL_PATH=${MODEL_PATH:-openbmb/MiniCPM-2B-sft-bf16}
+  DATA_DIR=${DATA_DIR:-data/advertisegen_chat}
+  OUTPUT_DIR=${OUTPUT_DIR:-output/$1/$(date +%Y%m%d-%H%M%S)}
+  MODEL_MAX_LENGTH=${MODEL_MAX_LENGTH:-}  # default: the config's
+}
+
+# Checks the settings and the paths both scripts take: CONFIG, MODEL_PATH (a folder, or a hub id: the package's
+# own rule, its file run alone so that transformers is not imported for it) and DATA_DIR; then sets
+# FINETUNE_ARGS, the flags both pass to finetune.py after CONFIG (and before the device's: device_args).
+prepare_run() {
+  check_settings
+  [[ -f "$CONFIG" ]] || die "CONFIG $CONFIG: file not found"
+  python minicpm_finetune/cli.py check-model-path "$MODEL_PATH" || exit
+  find_data_files "$DATA_DIR"
+  FINETUNE_ARGS=(--model_name_or_path "$MODEL_PATH" --train_data_path "$TRAIN_FILE" --eval_data_path "$EVAL_FILE"
+                 ${TEST_FILE:+--test_data_path "$TEST_FILE"} --output_dir "$OUTPUT_DIR"
+                 ${MODEL_MAX_LENGTH:+--model_max_length "$MODEL_MAX_LENGTH"})
 }
 
 # Sets TRAIN_FILE, EVAL_FILE and (if present) TEST_FILE from DATA_DIR/{train,dev,test}.json[l].

@@ -8,7 +8,6 @@ Reads {train,dev,test}.jsonl (any SFT format) and writes the same names in the "
 {"messages": [prompt turns ending with the user's], "chosen": str, "rejected": str}.
 """
 
-import argparse
 import json
 import os
 import random
@@ -16,7 +15,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minicpm_finetune.data import DataError, check_file, example_of, write_atomic  # noqa: E402
+from minicpm_finetune.cli import OneLineParser, command, write_atomic  # noqa: E402
+from minicpm_finetune.data import DataError, check_file, example_of  # noqa: E402
 
 
 def make_pairs(conversations: list[list[dict]], rng: random.Random) -> list[dict]:
@@ -30,8 +30,9 @@ def make_pairs(conversations: list[list[dict]], rng: random.Random) -> list[dict
     return pairs
 
 
+@command
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("input_dir", help="folder with train/dev/test .jsonl conversation files")
     parser.add_argument("output_dir")
     parser.add_argument("--max_records", type=int, default=400, help="first N records of each file")
@@ -43,24 +44,18 @@ def main(argv=None) -> int:
         path = os.path.join(args.input_dir, f"{split}.jsonl")
         if not os.path.isfile(path):
             continue
-        try:
-            check = check_file(path)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        check = check_file(path)
         if check.problems:
-            print(f"error: {check.report()}", file=sys.stderr)
-            return 2
+            raise DataError(check.report())
         good = check.good()
-        kept = good.select(range(min(args.max_records, len(good))))
-        pairs = make_pairs([example_of(row)["messages"] for row in kept], rng)
+        first = good.select(range(min(args.max_records, len(good))))
+        pairs = make_pairs([example_of(row)["messages"] for row in first], rng)
         write_atomic(os.path.join(args.output_dir, f"{split}.jsonl"),
                      "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
         print(f"{split}: {len(pairs)} pairs -> {os.path.join(args.output_dir, split + '.jsonl')}")
         written += 1
     if not written:
-        print(f"error: {args.input_dir}: no train/dev/test.jsonl", file=sys.stderr)
-        return 2
+        raise DataError(f"{args.input_dir}: no train/dev/test.jsonl")
     return 0
 
 

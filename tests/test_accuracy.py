@@ -114,5 +114,6 @@ def test_inference_scores_a_label_file_by_accuracy(tmp_path, tiny_model, capsys)
     predictions = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
     assert metrics == {"accuracy": accuracy(predictions, [label for *_, label in LABELLED]), "num_samples": 3}
     capsys.readouterr()
-    assert inference.main(base + ["--eval_metrics", "f1"]) == 2
+    with pytest.raises(SystemExit, match="^2$"):
+        inference.main(base + ["--eval_metrics", "f1"])
     assert capsys.readouterr().err == "error: --eval_metrics: unknown metric 'f1'; choose from rouge, bleu, accuracy\n"

@@ -140,14 +140,17 @@ def error_line(capsys):
 
 def test_bad_arguments_give_one_line_and_status_2(adapter_dir, tmp_path, capsys):
     missing = tmp_path / "nowhere"
-    assert main(["merge", "--adapter", str(missing), "--output_dir", str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["merge", "--adapter", str(missing), "--output_dir", str(tmp_path / "out")])
     assert str(missing) in error_line(capsys)
 
     base = tmp_path / "base"  # a model folder, not an adapter
-    assert main(["merge", "--adapter", str(base), "--output_dir", str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["merge", "--adapter", str(base), "--output_dir", str(tmp_path / "out")])
     assert "adapter_config.json" in error_line(capsys)
 
-    assert main(["merge", "--adapter", str(adapter_dir), "--output_dir", str(base)]) == 2
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["merge", "--adapter", str(adapter_dir), "--output_dir", str(base)])
     assert str(base) in error_line(capsys)  # refuses to write into a non-empty folder
 
     with open(adapter_dir / "adapter_config.json") as f:
@@ -155,10 +158,12 @@ def test_bad_arguments_give_one_line_and_status_2(adapter_dir, tmp_path, capsys)
     adapter_config["base_model_name_or_path"] = str(missing)
     with open(adapter_dir / "adapter_config.json", "w") as f:
         json.dump(adapter_config, f)
-    assert main(["merge", "--adapter", str(adapter_dir), "--output_dir", str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["merge", "--adapter", str(adapter_dir), "--output_dir", str(tmp_path / "out")])
     assert str(missing) in error_line(capsys)
 
-    assert main(["llama", "--model", str(missing), "--output_dir", str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["llama", "--model", str(missing), "--output_dir", str(tmp_path / "out")])
     assert str(missing) in error_line(capsys)
 
     with pytest.raises(SystemExit) as exit_info:

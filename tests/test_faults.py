@@ -248,6 +248,7 @@ def test_samples_with_nothing_to_learn_are_skipped_and_counted(tokenizer):
 def test_latest_checkpoint_ignores_incomplete_ones(tmp_path):
     from transformers.trainer_utils import get_last_checkpoint
 
+    from minicpm_finetune.cli import ArgumentError
     from minicpm_finetune.safety import latest_checkpoint, resolve_resume
 
     import torch
@@ -278,7 +279,7 @@ def test_latest_checkpoint_ignores_incomplete_ones(tmp_path):
     assert [os.path.basename(p) for p in incomplete] == [f"checkpoint-{n}" for n in (16, 14, 12, 10, 8, 6)]
     assert resolve_resume("latest", str(tmp_path)) == resolve_resume("true", str(tmp_path)) == path
     assert resolve_resume(None, str(tmp_path)) is None and resolve_resume("false", str(tmp_path)) is None
-    with pytest.raises(ValueError, match="incomplete checkpoint"):
+    with pytest.raises(ArgumentError, match="incomplete checkpoint"):
         resolve_resume(str(tmp_path / "checkpoint-6"), str(tmp_path))
 
 
@@ -532,12 +533,14 @@ def test_deepspeed_configs_use_dynamic_fp16_loss_scaling():
 def test_model_max_length_beyond_the_models_positions_is_a_warning(tiny_model, data_dir, tmp_path, capsys):
     from transformers import AutoConfig
 
-    from minicpm_finetune.arguments import parse_args
+    from minicpm_finetune.arguments import check_against_model, parse_args
 
     limit = AutoConfig.from_pretrained(tiny_model).max_position_embeddings
-    parse_args(["--model_name_or_path", tiny_model, "--train_data_path", str(data_dir / "train.jsonl"),
-                "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out"),
-                "--report_to", "none", "--use_cpu", "--model_max_length", str(limit + 1)])
+    model_args, _, training_args = parse_args([
+        "--model_name_or_path", tiny_model, "--train_data_path", str(data_dir / "train.jsonl"),
+        "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out"),
+        "--report_to", "none", "--use_cpu", "--model_max_length", str(limit + 1)])
+    check_against_model(model_args, training_args, AutoConfig.from_pretrained(tiny_model))  # finetune.main's step
     assert capsys.readouterr().out.splitlines() == [
         f"warning: --model_max_length {limit + 1} is beyond the model's {limit} positions; samples that long may "
         "train badly"]
@@ -786,7 +789,8 @@ def test_export_checks_its_output_path_before_loading(tmp_path, tiny_model, caps
     (tmp_path / "a_file").write_text("not a folder")
     source = ["--model", tiny_model] if command == "llama" else ["--adapter", str(adapter)]
     capsys.readouterr()  # the adapter's loading bars
-    assert export.main([command, *source, "--output_dir", str(tmp_path / where)]) == 2
+    with pytest.raises(SystemExit, match="^2$"):
+        export.main([command, *source, "--output_dir", str(tmp_path / where)])
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
