@@ -34,6 +34,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# The package first: its logging and warning filters must be in place before datasets and transformers load.
+import minicpm_finetune  # noqa: E402,F401
 
 
 def write_conversations(path: str, samples: int, seed: int) -> None:
@@ -78,7 +80,7 @@ def preview_peak(tokenizer_path: str, samples: int, seed: int) -> dict:
                 "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
         result = subprocess.run([sys.executable, "-c", code, "--tokenizer", tokenizer_path, "--data", data,
                                  "--model_max_length", "512"], cwd=ROOT, env=env, capture_output=True, text=True)
-        line = next((l for l in result.stdout.splitlines() if l.startswith("BENCH")), None)
+        line = next((out for out in result.stdout.splitlines() if out.startswith("BENCH")), None)
         if result.returncode or line is None:
             raise SystemExit(f"preview failed: {result.stderr[-2000:]}")
         _, rc, seconds, rss = line.split()
@@ -160,7 +162,8 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} CPUs")
     print(f"bare batched tokenizer call over the rendered texts: {', '.join(f'{x:.1f}' for x in bare_s)} s "
           f"(CPU {', '.join(f'{x:.1f}' for x in bare_cpu)} s)")
-    print(f"whole preparation (read, check, render, tokenize, mask, write): {', '.join(f'{x:.1f}' for x in prepare_s)} s "
+    print(f"whole preparation (read, check, render, tokenize, mask, write): "
+          f"{', '.join(f'{x:.1f}' for x in prepare_s)} s "
           f"(CPU {', '.join(f'{x:.1f}' for x in prepare_cpu)} s) = {results['ratio']:.2f}x the bare call "
           f"({results['cpu_ratio']:.2f}x in CPU time); peak RSS {rss_prepare:.0f} MiB")
     print(f"second run, same data/tokenizer/template/length: {cached_s:.1f} s (cache)")

@@ -19,7 +19,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# MiniCPM-2B's shape (DESIGN.md); the vocabulary stays the small test tokenizer's.
+# MiniCPM-2B's shape (hidden 2304, 40 layers, 36 heads, intermediate 5760, dim_model_base 256); the vocabulary
+# stays the small test tokenizer's.
 SHAPES = {
     "tiny": {},
     "2b": dict(hidden_size=2304, intermediate_size=5760, num_hidden_layers=40, num_attention_heads=36,
@@ -57,6 +58,7 @@ def main() -> int:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--batch_sizes", default="1,8,32", help="comma-separated; 1 is one-by-one")
     args = parser.parse_args()
+    import minicpm_finetune  # noqa: F401  first: its logging and warning filters apply before torch loads
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -30,10 +30,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
 
+    import minicpm_finetune  # noqa: F401  first: its logging and warning filters apply before torch loads
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minicpm_finetune.configuration_minicpm import MiniCPMConfig
+    from minicpm_finetune.tiny import tiny_config
 
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -49,8 +50,8 @@ def main() -> int:
     def peak_gib():
         return torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
 
-    config = MiniCPMConfig(**SHAPES[args.shape], scale_emb=12, scale_depth=1.4, rms_norm_eps=1e-5,
-                           rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=4096)
+    shape = dict(SHAPES[args.shape])
+    config = tiny_config(shape.pop("vocab_size"), max_position_embeddings=4096, **shape)
     start = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(args.device):

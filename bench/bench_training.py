@@ -41,6 +41,8 @@ import threading
 import time
 from typing import NamedTuple
 
+# The package first: its logging and warning filters must be in place before torch and transformers load.
+import minicpm_finetune  # noqa: F401  # isort: skip
 import numpy as np
 import torch
 
@@ -73,21 +75,25 @@ class Recipe(NamedTuple):
     four_bit: bool = False  # QLoRA: base weights in 4-bit NF4 (bitsandbytes), as finetune.py --qlora
 
 
+def packed_recipes(who: str, lora: bool) -> list[Recipe]:
+    """The loss and memory variants measured alike for LoRA and full fine-tuning, on packed rows."""
+    return [
+        Recipe(f"{who}, {{B}}x512 packed, full logits", lora, "rows", loss="logits"),
+        Recipe(f"{who}, {{B}}x512 packed, chunked loss", lora, "rows", loss="chunked"),
+        Recipe(f"{who}, {{B}}x512 packed, fused loss", lora, "rows"),
+        Recipe(f"{who}, {{B}}x512 packed, fused loss, checkpointing", lora, "rows", checkpointing=True),
+        Recipe(f"{who}, {{B}}x512 packed, fused loss, compiled layers", lora, "rows", compiled=True),
+    ]
+
+
+# --recipes takes indices into this list: keep its order.
 RECIPES = [
     Recipe("seed: LoRA r8 q,v, batch 1, padded to 512", True, 1, packed=False, loss="logits"),
     Recipe("seed: LoRA r8 q,v, batch 8, padded to 512", True, 8, packed=False, loss="logits"),
-    Recipe("LoRA q,v, {B}x512 packed, full logits", True, "rows", loss="logits"),
-    Recipe("LoRA q,v, {B}x512 packed, chunked loss", True, "rows", loss="chunked"),
-    Recipe("LoRA q,v, {B}x512 packed, fused loss", True, "rows"),
-    Recipe("LoRA q,v, {B}x512 packed, fused loss, checkpointing", True, "rows", checkpointing=True),
-    Recipe("LoRA q,v, {B}x512 packed, fused loss, compiled layers", True, "rows", compiled=True),
+    *packed_recipes("LoRA q,v", lora=True),
     Recipe("LoRA q,v, {B}x512 packed, fused loss, checkpointing, compiled layers", True, "rows", checkpointing=True,
            compiled=True),
-    Recipe("full, AdamW, {B}x512 packed, full logits", False, "rows", loss="logits"),
-    Recipe("full, AdamW, {B}x512 packed, chunked loss", False, "rows", loss="chunked"),
-    Recipe("full, AdamW, {B}x512 packed, fused loss", False, "rows"),
-    Recipe("full, AdamW, {B}x512 packed, fused loss, checkpointing", False, "rows", checkpointing=True),
-    Recipe("full, AdamW, {B}x512 packed, fused loss, compiled layers", False, "rows", compiled=True),
+    *packed_recipes("full, AdamW", lora=False),
     Recipe("full, fp32 master AdamW, {B}x512 packed, fused loss, checkpointing", False, "rows", checkpointing=True,
            master=True),
     Recipe("full, fp32 master AdamW, {B}x512 packed, fused loss, checkpointing, compiled layers", False, "rows",
@@ -141,7 +147,6 @@ def packed_batches(samples, rows_per_batch: int, length: int = 512, flatten: boo
 def build_model(name: str, device: str, dtype: torch.dtype, attn: str):
     from transformers import AutoModelForCausalLM
 
-    import minicpm_finetune  # noqa: F401  registers the native MiniCPM
     from minicpm_finetune.tiny import tiny_config
 
     settings = dict(MODELS[name])
@@ -172,8 +177,6 @@ def load_four_bit(folder: str, device: str, dtype: torch.dtype, attn: str):
                                                  **qlora_kwargs(dtype, device))
     model.config.use_cache = False
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-
-
 
 
 def full_logits_loss(model, batch):
@@ -242,56 +245,107 @@ class MasterWeightsAdamW:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
 
+class MemoryMeter:
+    """A recipe's peak memory: on CUDA the most allocated over the timed steps; on the CPU the peak resident set
+    from before the model is built to the end of the timed steps, minus the resident set before."""
+
+    def __init__(self, device: str):
+        import psutil
+
+        self.device = device
+        self.rss_before = psutil.Process().memory_info().rss
+        self.sampler = PeakRSS().__enter__() if device == "cpu" else None
+
+    def timing_starts(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def stop(self):
+        if self.sampler:
+            self.sampler.__exit__(None, None, None)
+
+    def peak_mib(self) -> float:
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20
+        self.stop()
+        return (self.sampler.peak - self.rss_before) / 2**20
+
+
+class Timing(NamedTuple):
+    real_tokens: int
+    seconds: float
+    peak_mib: float
+    last_loss: float
+
+
 def run_recipe(recipe: Recipe, args, samples, dtype):
-    lora, packed, loss_kind, checkpointing, compiled = (recipe.lora, recipe.packed, recipe.loss,
-                                                         recipe.checkpointing, recipe.compiled)
-    chunked = loss_kind != "logits"
-    rows = args.rows if recipe.rows == "rows" else recipe.rows
     label = recipe.name.format(B=args.rows)
     four_bit_folder = tempfile.TemporaryDirectory() if recipe.four_bit else None
     if four_bit_folder:  # saved before memory is measured: only the 4-bit model counts
         n_params = save_random_model(args.model, dtype, four_bit_folder.name)
     release_memory(args.device)
-    import psutil
-
-    rss_before = psutil.Process().memory_info().rss
-    sampler = PeakRSS() if args.device == "cpu" else None
-    if sampler:
-        sampler.__enter__()
+    memory = MemoryMeter(args.device)
     if four_bit_folder:
         model = load_four_bit(four_bit_folder.name, args.device, dtype, args.attn)
         four_bit_folder.cleanup()
     else:
         model = build_model(args.model, args.device, dtype, args.attn)
         n_params = sum(p.numel() for p in model.parameters())
-    if chunked and not family_of(model.config).chunked_loss:
-        if sampler:
-            sampler.__exit__(None, None, None)
+    if recipe.loss != "logits" and not family_of(model.config).chunked_loss:
+        memory.stop()
         return {"recipe": label, "skipped": "the model has no chunked loss"}
-    if chunked:
-        model.loss_fused = loss_kind == "fused"
-    if checkpointing:
+    model = prepare_for_training(model, recipe)
+    rows = args.rows if recipe.rows == "rows" else recipe.rows
+    timing = time_steps(model, recipe, rows, args, samples, memory)
+    del model
+    release_memory(args.device)
+    tokens_per_s = timing.real_tokens / timing.seconds
+    flops_per_token = (4 if recipe.lora else 6) * n_params
+    return {"recipe": label, "lora": recipe.lora, "rows": rows, "packed": recipe.packed, "loss": recipe.loss,
+            "checkpointing": recipe.checkpointing, "compiled_layers": recipe.compiled,
+            "master_weights": recipe.master, "four_bit": recipe.four_bit, "steps": args.steps,
+            "real_tokens": timing.real_tokens, "seconds": timing.seconds,
+            "tokens_per_s": tokens_per_s, "peak_mib": timing.peak_mib, "n_params": n_params,
+            "flops_per_token": flops_per_token,
+            "mfu": flops_per_token * tokens_per_s / (args.peak_tflops * 1e12) if args.peak_tflops else None,
+            "last_loss": timing.last_loss}
+
+
+def prepare_for_training(model, recipe: Recipe):
+    """The recipe's loss, checkpointing, LoRA and compilation, set up as finetune.py's load_model does."""
+    if recipe.loss != "logits":
+        model.loss_fused = recipe.loss == "fused"
+    if recipe.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora and (checkpointing or compiled):  # as load_model does: one compiled graph serves layer 0 too
+    if recipe.lora and (recipe.checkpointing or recipe.compiled):  # one compiled graph serves layer 0 too
         model.enable_input_require_grads()
-    if lora:
+    if recipe.lora:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=0.1,
                                                  target_modules=["q_proj", "v_proj"]))
-    if compiled:
+    if recipe.compiled:
         from minicpm_finetune.model import compile_decoder_layers
 
         compile_decoder_layers(model)
     model.train()
+    return model
+
+
+def time_steps(model, recipe: Recipe, rows: int, args, samples, memory: MemoryMeter) -> Timing:
+    """args.warmup untimed optimizer steps, then args.steps timed ones (and args.profile profiled ones)."""
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = MasterWeightsAdamW(trained, 1e-5) if recipe.master else torch.optim.AdamW(trained, lr=1e-5, fused=True)
-    flatten = args.attn.startswith("flash_attention")
-    batches = packed_batches(samples, rows, flatten=flatten, multiple=args.pad_to_multiple_of) if packed else padded_batches(samples, rows)
+    if recipe.packed:
+        batches = packed_batches(samples, rows, flatten=args.attn.startswith("flash_attention"),
+                                 multiple=args.pad_to_multiple_of)
+    else:
+        batches = padded_batches(samples, rows)
 
     def step(batch):
         batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
-        loss = model(**batch).loss if chunked else full_logits_loss(model, batch)
+        loss = full_logits_loss(model, batch) if recipe.loss == "logits" else model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -299,9 +353,7 @@ def run_recipe(recipe: Recipe, args, samples, dtype):
 
     for _ in range(args.warmup):
         step(next(batches)[0])
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    memory.timing_starts()
     tokens, losses = 0, []
     start = time.perf_counter()
     for _ in range(args.steps):
@@ -311,24 +363,10 @@ def run_recipe(recipe: Recipe, args, samples, dtype):
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    if args.device == "cuda":
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        sampler.__exit__(None, None, None)
-        peak_mib = (sampler.peak - rss_before) / 2**20
+    peak_mib = memory.peak_mib()
     if args.profile:
         profile_steps(step, batches, args)
-    tokens_per_s = tokens / seconds
-    flops_per_token = (4 if lora else 6) * n_params
-    result = {"recipe": label, "lora": lora, "rows": rows, "packed": packed, "loss": loss_kind,
-              "checkpointing": checkpointing, "compiled_layers": compiled, "master_weights": recipe.master, "four_bit": recipe.four_bit, "steps": args.steps, "real_tokens": tokens, "seconds": seconds,
-              "tokens_per_s": tokens_per_s, "peak_mib": peak_mib, "n_params": n_params,
-              "flops_per_token": flops_per_token,
-              "mfu": flops_per_token * tokens_per_s / (args.peak_tflops * 1e12) if args.peak_tflops else None,
-              "last_loss": float(losses[-1])}
-    del model, optimizer, batches
-    release_memory(args.device)
-    return result
+    return Timing(tokens, seconds, peak_mib, float(losses[-1]))
 
 
 def profile_steps(step, batches, args):
@@ -378,7 +416,7 @@ def environment(args) -> dict:
         cpu = platform.processor()
         try:
             with open("/proc/cpuinfo") as f:
-                cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+                cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         except (OSError, StopIteration):
             pass
         info["device"] = f"{cpu} ({os.cpu_count()} cores visible)"
@@ -403,7 +441,8 @@ def bench_training(args):
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     if args.peak_tflops is None:
         args.peak_tflops = 790.0 if args.device == "cuda" else measured_matmul_tflops(args.device, dtype)
-        peak_note = f"{'H200 bf16 ' if args.device == 'cuda' else 'measured fp32 matmul '}{args.peak_tflops:.3g} TFLOP/s"
+        kind = "H200 bf16" if args.device == "cuda" else "measured fp32 matmul"
+        peak_note = f"{kind} {args.peak_tflops:.3g} TFLOP/s"
     else:
         peak_note = f"{args.peak_tflops:g} TFLOP/s"
     needed = (args.warmup + args.steps + args.profile) * max(8, args.rows * 4)
@@ -474,7 +513,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--rows", type=int, default=8, help="packed rows of 512 per batch (B)")
     parser.add_argument("--recipes", type=int, nargs="*", help="indices into the recipe list (default: all)")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="weights (default bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                        help="weights (default bf16 on cuda, fp32 on cpu)")
     parser.add_argument("--attn", default="sdpa", help="sdpa, eager or flash_attention_2 (packed rows flattened)")
     parser.add_argument("--peak_tflops", type=float, default=None,
                         help="chip peak for MFU (default 790 on cuda, a measured fp32 matmul rate on cpu)")

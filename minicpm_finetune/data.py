@@ -186,88 +186,107 @@ def _jsonl_records(path: str):
                 yield number, _Unreadable(f"malformed JSON ({e.msg}, column {e.colno})")
 
 
+class _JsonArrayReader:
+    """A sliding window of decoded text over a JSON array file, and the line number where it starts."""
+
+    def __init__(self, path: str, f):
+        self.path, self.f = path, f
+        self.buffer, self.eof, self.line = "", False, 1
+        self.pending, self.consumed = b"", 0  # pending: the start of a character cut by the block's end
+
+    def more(self) -> bool:
+        """Append the next block to the buffer; False at the end of the file."""
+        if self.eof:
+            return False
+        block = self.f.read(_CHUNK)
+        if not block:
+            self.eof = True
+            if self.pending:
+                raise _not_utf8(self.path, self.consumed, "truncated character at the end")
+            return False
+        text = self._decode(self.pending + block)
+        self.consumed += len(block)
+        if not self.buffer and text.startswith("\ufeff"):
+            text = text[1:]
+        self.buffer += text
+        return True
+
+    def _decode(self, data: bytes) -> str:
+        try:
+            text, self.pending = data.decode("utf-8"), b""
+        except UnicodeDecodeError as e:
+            if e.end < len(data) - 3 or e.reason != "unexpected end of data":
+                raise _not_utf8(self.path, self.consumed - len(self.pending) + e.start, e.reason) from None
+            text, self.pending = data[: e.start].decode("utf-8", "strict"), data[e.start:]
+        return text
+
+    def skip_space(self, pos: int) -> int:
+        """The position of the next non-space character (reading on as needed), counting the lines passed."""
+        while True:
+            stripped = len(self.buffer) - len(self.buffer[pos:].lstrip())
+            self.line += self.buffer.count("\n", pos, stripped)
+            if stripped < len(self.buffer) or not self.more():
+                return stripped
+
+    def value_at(self, pos: int):
+        """The JSON value that starts at ``pos`` and where it ends, reading on while it is incomplete."""
+        while True:
+            try:
+                obj, end = _decoder.raw_decode(self.buffer, pos)
+                if end >= len(self.buffer) and not self.eof and self.more():  # a number may go on in the next block
+                    continue
+                return obj, end
+            except _DuplicateKey as e:
+                end = _skip_value(self.buffer, pos)
+                if end is not None:
+                    return _Unreadable(str(e)), end
+                if not self.more():
+                    raise DataError(f"{self.path}:{self.line}: malformed JSON array") from None
+            except json.JSONDecodeError as e:
+                if not self.more():
+                    raise DataError(f"{self.path}:{self.line + self.buffer.count(chr(10), pos, e.pos)}: malformed "
+                                    f"JSON array ({e.msg})") from None
+
+    def check_nothing_after(self, pos: int, items: int) -> None:
+        """After the closing ]: only space may follow (JSON Lines of arrays is named as such)."""
+        rest = self.skip_space(pos)
+        if rest < len(self.buffer):
+            if self.buffer[rest] == "[" or items == 0:
+                raise DataError(f"{self.path} is JSON Lines whose lines are arrays: write one JSON object per "
+                                "line, or make the whole file one JSON array")
+            raise DataError(f"{self.path}:{self.line}: malformed JSON array (text after the closing ])")
+
+    def after_item(self, start: int, end: int, number: int) -> int:
+        """The position after the separator that follows item ``number`` (``start``-``end`` in the buffer)."""
+        self.line += self.buffer.count("\n", start, end)
+        pos = self.skip_space(end)
+        if pos < len(self.buffer) and self.buffer[pos] == ",":
+            pos += 1
+        elif pos < len(self.buffer) and self.buffer[pos] != "]":
+            raise DataError(f"{self.path}:{self.line}: malformed JSON array (expected , or ] after item {number})")
+        return pos
+
+
 def _json_array_records(path: str):
     """The items of a JSON array file, parsed one at a time from a sliding buffer (bounded memory)."""
     with open(path, "rb") as f:
-        decoder_bytes = b""
-        buffer, eof, line, number, consumed = "", False, 1, 0, 0
-
-        def more() -> bool:
-            nonlocal buffer, eof, decoder_bytes, consumed
-            if eof:
-                return False
-            block = f.read(_CHUNK)
-            if not block:
-                eof = True
-                if decoder_bytes:
-                    raise _not_utf8(path, consumed, "truncated character at the end")
-                return False
-            data = decoder_bytes + block
-            try:
-                text = data.decode("utf-8")
-                decoder_bytes = b""
-            except UnicodeDecodeError as e:
-                if e.end >= len(data) - 3 and e.reason == "unexpected end of data":
-                    text, decoder_bytes = data[: e.start].decode("utf-8", "strict"), data[e.start:]
-                else:
-                    raise _not_utf8(path, consumed - len(decoder_bytes) + e.start, e.reason) from None
-            consumed += len(block)
-            if not buffer and text.startswith("\ufeff"):
-                text = text[1:]
-            buffer += text
-            return True
-
-        def skip_space(pos):
-            nonlocal line
-            while True:
-                stripped = len(buffer) - len(buffer[pos:].lstrip())
-                line += buffer.count("\n", pos, stripped)
-                if stripped < len(buffer) or not more():
-                    return stripped
-
-        more()
-        pos = skip_space(0)
-        pos += 1  # the "[" (checked by the caller)
+        reader = _JsonArrayReader(path, f)
+        reader.more()
+        pos = reader.skip_space(0) + 1  # after the "[" (checked by the caller)
+        number = 0
         while True:
-            pos = skip_space(pos)
-            if pos >= len(buffer):
-                raise DataError(f"{path}:{line}: malformed JSON array (no closing ])")
-            if buffer[pos] == "]":
-                rest = skip_space(pos + 1)
-                if rest < len(buffer):
-                    if buffer[rest] == "[" or number == 0:
-                        raise DataError(f"{path} is JSON Lines whose lines are arrays: write one JSON object per "
-                                        "line, or make the whole file one JSON array")
-                    raise DataError(f"{path}:{line}: malformed JSON array (text after the closing ])")
+            pos = reader.skip_space(pos)
+            if pos >= len(reader.buffer):
+                raise DataError(f"{path}:{reader.line}: malformed JSON array (no closing ])")
+            if reader.buffer[pos] == "]":
+                reader.check_nothing_after(pos + 1, number)
                 return
-            while True:
-                try:
-                    obj, end = _decoder.raw_decode(buffer, pos)
-                    if end >= len(buffer) and not eof and more():  # a number may go on in the next block
-                        continue
-                    break
-                except _DuplicateKey as e:
-                    obj, end = _Unreadable(str(e)), _skip_value(buffer, pos)
-                    if end is None:
-                        if more():
-                            continue
-                        raise DataError(f"{path}:{line}: malformed JSON array") from None
-                    break
-                except json.JSONDecodeError as e:
-                    if more():
-                        continue
-                    raise DataError(f"{path}:{line + buffer.count(chr(10), pos, e.pos)}: malformed JSON array "
-                                    f"({e.msg})") from None
+            obj, end = reader.value_at(pos)
             number += 1
             yield number, obj
-            line += buffer.count("\n", pos, end)
-            pos = skip_space(end)
-            if pos < len(buffer) and buffer[pos] == ",":
-                pos += 1
-            elif pos < len(buffer) and buffer[pos] != "]":
-                raise DataError(f"{path}:{line}: malformed JSON array (expected , or ] after item {number})")
+            pos = reader.after_item(pos, end, number)
             # Drop what was parsed so the buffer stays about one block long.
-            buffer, pos = buffer[pos:], 0
+            reader.buffer, pos = reader.buffer[pos:], 0
 
 
 def _skip_value(text: str, pos: int):

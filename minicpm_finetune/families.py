@@ -16,7 +16,7 @@ Everything that differs between families is said here, once; the rest of the pac
 - ``decoder_layers``: where the decoder layers are, from the causal LM (compile_decoder_layers).
 
 Adding a family is one entry in FAMILIES (plus, for a native one, its configuration and modeling files)
-and its tiny config in tests/test_families.py. A model type the table does not know gets UNKNOWN_FAMILY,
+and its tiny config in TINY_CONFIGS of tests/conftest.py. A model type the table does not know gets UNKNOWN_FAMILY,
 Llama-like defaults that work for most causal LMs, and the run prints one note saying so (``note``).
 """
 

@@ -113,48 +113,58 @@ def check_messages(messages: list) -> list[dict]:
         raise ValueError("the conversation must be a non-empty list of messages")
     out, previous = [], None
     for i, message in enumerate(messages):
-        # The common case first (a role and a non-empty text): only the order is left to check.
-        if (type(message) is dict and len(message) == 2 and message.get("role") in _PLAIN_ROLES
-                and type(message.get("content")) is str and message["content"].strip()):
-            role = message["role"]
-            if role in _allowed_after(previous):
-                previous = {"role": role, "content": message["content"]}
-                out.append(previous)
-                continue
-        where = f"message {i + 1}"
-        if not isinstance(message, dict):
-            raise ValueError(f"{where} is not an object")
-        unused = [k for k, v in message.items() if k not in MESSAGE_KEYS and v is not None]
-        if unused:
-            raise ValueError(f'{where}: key "{unused[0]}" is not used, its text would be lost')
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise ValueError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        normal = {"role": role}
-        calls = message.get("tool_calls")
-        if calls is not None and role != "assistant":
-            raise ValueError(f'{where}: only assistant messages make "tool_calls"')
-        if calls:
-            normal["tool_calls"] = normalise_tool_calls(calls, where)
-            content = "" if content is None else content
-        if not isinstance(content, str):
-            raise ValueError(f'{where}: "content" must be a string')
-        if not content.strip() and not calls and role != "tool":
-            raise ValueError(f"{where}: empty {'reply' if role == 'assistant' else role + ' text'}")
-        normal["content"] = content
-        for key in ("tool_call_id", "name"):
-            if message.get(key) is not None:
-                if not isinstance(message[key], str):
-                    raise ValueError(f'{where}: "{key}" must be a string')
-                normal[key] = message[key]
         expected = _allowed_after(previous)
-        if role not in expected:
-            raise ValueError(f"{where}: role {role!r} out of order (expected {' or '.join(map(repr, expected))})")
+        # The common case first (a role and a non-empty text): only the order is left to check.
+        if _is_plain_text(message) and message["role"] in expected:
+            previous = {"role": message["role"], "content": message["content"]}
+            out.append(previous)
+            continue
+        where = f"message {i + 1}"
+        normal = _checked_message(message, where)
+        if normal["role"] not in expected:
+            raise ValueError(f"{where}: role {normal['role']!r} out of order "
+                             f"(expected {' or '.join(map(repr, expected))})")
         previous = normal
         out.append(normal)
     if out[-1]["role"] != "assistant":
         raise ValueError("conversation does not end with an assistant reply")
     return out
+
+
+def _is_plain_text(message) -> bool:
+    """A message with only a role that takes plain text and a non-empty text."""
+    return (type(message) is dict and len(message) == 2 and message.get("role") in _PLAIN_ROLES
+            and type(message.get("content")) is str and bool(message["content"].strip()))
+
+
+def _checked_message(message, where: str) -> dict:
+    """One message normalised (its place in the conversation is checked by the caller), or ValueError."""
+    if not isinstance(message, dict):
+        raise ValueError(f"{where} is not an object")
+    unused = [k for k, v in message.items() if k not in MESSAGE_KEYS and v is not None]
+    if unused:
+        raise ValueError(f'{where}: key "{unused[0]}" is not used, its text would be lost')
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLES:
+        raise ValueError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    normal = {"role": role}
+    calls = message.get("tool_calls")
+    if calls is not None and role != "assistant":
+        raise ValueError(f'{where}: only assistant messages make "tool_calls"')
+    if calls:
+        normal["tool_calls"] = normalise_tool_calls(calls, where)
+        content = "" if content is None else content
+    if not isinstance(content, str):
+        raise ValueError(f'{where}: "content" must be a string')
+    if not content.strip() and not calls and role != "tool":
+        raise ValueError(f"{where}: empty {'reply' if role == 'assistant' else role + ' text'}")
+    normal["content"] = content
+    for key in ("tool_call_id", "name"):
+        if message.get(key) is not None:
+            if not isinstance(message[key], str):
+                raise ValueError(f'{where}: "{key}" must be a string')
+            normal[key] = message[key]
+    return normal
 
 
 def _allowed_after(previous: dict | None) -> tuple:

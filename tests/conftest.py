@@ -1,4 +1,12 @@
-"""Shared fixtures: a tiny MiniCPM + tokenizer built once per test session, and small data files."""
+"""Shared fixtures: a tiny MiniCPM + tokenizer built once per test session, small data files, and random
+models without a tokenizer (random_minicpm, on the package's tiny config).
+
+Tiers: a test that trains through a Trainer (SFT or DPO, LoRA, QLoRA or full), starts several processes
+(DeepSpeed, torch.distributed), runs a command in a subprocess (each pays for importing torch and
+transformers again), executes the notebook, a benchmark, a demo script or a pip install is marked
+``@pytest.mark.slow``. Everything else calls the code in this process on tiny inputs and must stay quick:
+``python -m pytest tests -q -m "not slow"`` runs those alone; CI runs everything.
+"""
 
 import json
 import os
@@ -7,11 +15,16 @@ import subprocess
 
 import pytest
 
-# The package is imported as installed (pip install -e .), or from the repository root, which
-# `python -m pytest` puts on sys.path.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests use only local folders; never wait on the network
+
+# Imported after the settings above (huggingface_hub reads them on import), as installed (pip install -e .)
+# or from the repository root, which `python -m pytest` puts on sys.path; the package before transformers,
+# so that its logging and warning filters are in place.
+import minicpm_finetune  # noqa: E402,F401
+from minicpm_finetune.tiny import tiny_config  # noqa: E402
+from transformers import LlamaConfig, MiniCPM3Config  # noqa: E402
 
 # A small learnable data set: every question has one fixed answer.
 QA = [
@@ -59,6 +72,37 @@ def tiny_chatml_model(tmp_path_factory, data_dir):
 
     return build_tiny(str(tmp_path_factory.mktemp("tiny_chatml") / "model"), [str(data_dir / "train.jsonl")],
                       chat_template="chatml")
+
+
+# Random models without a tokenizer use token ids below VOCAB: 0 pad, 1 BOS, 2 EOS, the rest ordinary.
+VOCAB = 300
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+# A tiny config of every family in the table (families.FAMILIES): adding a family adds one here.
+TINY_CONFIGS = {
+    "minicpm": lambda: tiny_config(VOCAB),
+    "minicpm3": lambda: MiniCPM3Config(**SMALL, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+                                       qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16),
+    "llama": lambda: LlamaConfig(**SMALL, num_key_value_heads=2),
+}
+
+
+def random_minicpm(tied=True, seed=0, **overrides):
+    """A random native MiniCPM (the package's tiny config: 3 layers, VOCAB words) in eval mode."""
+    import torch
+
+    from minicpm_finetune.modeling_minicpm import MiniCPMForCausalLM
+
+    settings = dict(intermediate_size=128, num_hidden_layers=3, max_position_embeddings=256, pad_token_id=0,
+                    tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    return MiniCPMForCausalLM(tiny_config(VOCAB, **{**settings, **overrides})).eval()
+
+
+def random_ids(batch, length, seed=1):
+    """Ordinary token ids (no special ones) for random_minicpm, the same for the same seed."""
+    import torch
+
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def run(args, cwd=ROOT, env=None, timeout=600):

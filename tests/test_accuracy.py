@@ -62,7 +62,8 @@ def test_dpo_without_trl_is_one_line(tmp_path, tiny_model, data_dir, monkeypatch
     import importlib.util
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "trl" else real_find_spec(name, *a))
     with pytest.raises(ArgumentError, match="^--stage dpo needs TRL: pip install trl$"):  # as without TRL installed
         parse_args(["--stage", "dpo", "--model_name_or_path", tiny_model, "--train_data_path",
                     str(data_dir / "train.jsonl"), "--eval_data_path", str(data_dir / "dev.jsonl"),
@@ -75,6 +76,7 @@ LABELLED = [("你好", "你好，有什么可以帮你的吗？", "蕴含"), ("�
             ("推荐一条裙子", "这款连衣裙显瘦又文艺。", "矛盾")]
 
 
+@pytest.mark.slow
 def test_label_task_reports_accuracy_during_training_and_on_the_test_set(tmp_path, tiny_model):
     records = [{"instruction": INSTRUCTION, "input": f"句子1：{a}\n句子2：{b}", "output": label}
                for a, b, label in LABELLED]

@@ -172,6 +172,7 @@ def test_sha256sum_and_verify_archive(tmp_path):
 
 # --- CLI ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_converts_splits_with_system(tmp_path):
     src, out = tmp_path / "AdvertiseGen", tmp_path / "chat"
     src.mkdir()
@@ -184,6 +185,7 @@ def test_cli_converts_splits_with_system(tmp_path):
     assert read_jsonl(out / "train.jsonl") == [convert_record(GOOD, "S")]
 
 
+@pytest.mark.slow
 def test_cli_missing_input_is_one_error_line(tmp_path):
     result = run_cli(str(tmp_path / "nope"), str(tmp_path / "out"))
     assert result.returncode == 2
@@ -196,6 +198,7 @@ def test_cli_missing_input_is_one_error_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_split_writes_no_split(tmp_path):
     src, out = tmp_path / "raw", tmp_path / "chat"
     src.mkdir()
@@ -216,6 +219,7 @@ def test_cli_bad_split_writes_no_split(tmp_path):
 
 # --- synthetic sample -----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_generator_is_deterministic_and_matches_committed_files(tmp_path):
     outputs = []
     for name in ("a", "b"):

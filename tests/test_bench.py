@@ -5,7 +5,10 @@ import os
 import sys
 
 import matplotlib.image
+import pytest
 from conftest import ROOT, run
+
+pytestmark = pytest.mark.slow  # each runs a benchmark script
 
 BENCH = os.path.join(ROOT, "bench", "bench_training.py")
 # The benchmark imports the installed package; here the repository stands in for the installation.

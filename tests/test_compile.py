@@ -95,6 +95,7 @@ def packed(samples, row_length, copies=1):
     return PackingCollator(tokenizer)([rows[i] for i in range(len(rows))])
 
 
+@pytest.mark.slow
 def test_full_model_packed_rows_and_checkpointing(tiny_model, data_dir, tmp_path, samples):
     model, training_args = compiled_model(tiny_model, data_dir, tmp_path)
     # Widths avoid the hidden size (64): torch would give equal sizes one symbol and specialize both.
@@ -117,6 +118,7 @@ def test_full_model_packed_rows_and_checkpointing(tiny_model, data_dir, tmp_path
     assert_same(checkpointed, full)
 
 
+@pytest.mark.slow
 def test_lora_padded_batches(tiny_model, data_dir, tmp_path, samples):
     model, _ = compiled_model(tiny_model, data_dir, tmp_path, "--use_lora", "--lora_r", "4", "--lora_dropout", "0")
     (_, grads), new_graphs = compiled_and_eager(model, padded(samples, [0, 1, 2, 3]))  # 20 tokens wide
@@ -127,6 +129,7 @@ def test_lora_padded_batches(tiny_model, data_dir, tmp_path, samples):
         compiled_and_eager(model, padded(samples, [0, 1, 2]))  # 17 wide
 
 
+@pytest.mark.slow
 def test_finetune_with_compile_layers_saves_the_eager_adapter_layout(tmp_path, tiny_model, data_dir):
     from peft import PeftModel
     from safetensors.torch import load_file

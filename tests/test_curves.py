@@ -109,6 +109,7 @@ def write_state(folder, log_history):
                                                            "log_history": log_history}))
 
 
+@pytest.mark.slow
 def test_cli_writes_png_from_top_level_state(tmp_path):
     write_state(tmp_path, synthetic_log())
     result = run_cli(tmp_path)
@@ -118,6 +119,7 @@ def test_cli_writes_png_from_top_level_state(tmp_path):
     read_png(png)
 
 
+@pytest.mark.slow
 def test_cli_falls_back_to_the_highest_step_checkpoint(tmp_path):
     # checkpoint-100 sorts after checkpoint-1000 by name; the step number decides.
     write_state(tmp_path / "checkpoint-100", [{"loss": 1.0, "step": 100}])
@@ -129,6 +131,7 @@ def test_cli_falls_back_to_the_highest_step_checkpoint(tmp_path):
     assert width > 2 * height
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing_folder", "no_state", "bad_json", "no_log_history"])
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, case):
     target = tmp_path / "run"

@@ -48,7 +48,8 @@ def expected_labels(tokenizer, messages, ids, tools=None):
     return labels
 
 
-@pytest.mark.parametrize("messages", [MULTI_TURN, MULTI_TURN[1:], MULTI_TURN[:3]], ids=["system", "no-system", "one-turn"])
+@pytest.mark.parametrize("messages", [MULTI_TURN, MULTI_TURN[1:], MULTI_TURN[:3]],
+                         ids=["system", "no-system", "one-turn"])
 def test_conversation_masks_are_exact(tokenizer, messages):
     row = encode(tokenizer, messages, end_of_turn_token(tokenizer), max_length=None)
     rendered = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -56,7 +57,7 @@ def test_conversation_masks_are_exact(tokenizer, messages):
     assert row["labels"] == expected_labels(tokenizer, messages, row["input_ids"])
     # The learned text is exactly every reply followed by its end-of-turn token.
     eot = end_of_turn_token(tokenizer)
-    learned = [t for t, l in zip(row["input_ids"], row["labels"]) if l != IGNORE_INDEX]
+    learned = [t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
     replies = [m["content"] + eot for m in messages if m["role"] == "assistant"]
     assert tokenizer.decode(learned) == "".join(replies)
     assert row["labels"][0] == IGNORE_INDEX  # BOS / role marker
@@ -102,9 +103,11 @@ EXPECTED_MESSAGES = {
                  {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "北京天气怎么样？"},
                  {"role": "assistant", "content": "", "tool_calls": [TOOL_CALL]},
                  {"role": "tool", "content": "晴，25度"}, {"role": "assistant", "content": "北京今天晴，25度。"}],
-    "prompt_response": [{"role": "user", "content": "类型#裙*颜色#红色"}, {"role": "assistant", "content": "这款红色连衣裙……"}],
+    "prompt_response": [{"role": "user", "content": "类型#裙*颜色#红色"},
+                        {"role": "assistant", "content": "这款红色连衣裙……"}],
     "alpaca": [{"role": "system", "content": "optional"}, {"role": "user", "content": "先写标题"},
-               {"role": "assistant", "content": "红裙上新"}, {"role": "user", "content": "写一段广告\n类型#裙*颜色#红色"},
+               {"role": "assistant", "content": "红裙上新"},
+               {"role": "user", "content": "写一段广告\n类型#裙*颜色#红色"},
                {"role": "assistant", "content": "这款红色连衣裙……"}],
 }
 
@@ -139,8 +142,8 @@ def test_every_format_trains_on_the_template_rendering(tmp_path, tokenizer, name
     assert labels == expected_labels(tokenizer, messages, ids, tools)
     # Each learned run is one assistant turn, ending with the end-of-turn token; the rest is masked.
     runs, run_ids = [], []
-    for t, l in zip(ids + [None], labels + [IGNORE_INDEX]):
-        if l != IGNORE_INDEX:
+    for t, label in zip(ids + [None], labels + [IGNORE_INDEX]):
+        if label != IGNORE_INDEX:
             run_ids.append(t)
         elif run_ids:
             runs.append(tokenizer.decode(run_ids))
@@ -152,22 +155,25 @@ def test_every_format_trains_on_the_template_rendering(tmp_path, tokenizer, name
     if tools:
         assert 'get_weather(city="北京")' in runs[len(replies) - 2]  # the tool call is learned ...
         assert not any("def get_weather" in r or "晴，25度<" in r for r in runs)  # ... the tool list and result not
-    assert stats.samples == 1 and stats.learned_tokens == sum(l != IGNORE_INDEX for l in labels)
+    assert stats.samples == 1 and stats.learned_tokens == sum(label != IGNORE_INDEX for label in labels)
 
 
 def test_alpaca_history_comes_first_and_every_reply_is_learned(tokenizer):
-    record = {"instruction": "再短一点", "output": "红裙，显瘦。", "history": [["写广告", "这款红裙很显瘦。"], ["加上价格", "299元。"]]}
+    record = {"instruction": "再短一点", "output": "红裙，显瘦。",
+              "history": [["写广告", "这款红裙很显瘦。"], ["加上价格", "299元。"]]}
     messages = to_messages(record, "alpaca")
-    assert [m["content"] for m in messages] == ["写广告", "这款红裙很显瘦。", "加上价格", "299元。", "再短一点", "红裙，显瘦。"]
+    assert [m["content"] for m in messages] == ["写广告", "这款红裙很显瘦。", "加上价格", "299元。", "再短一点",
+                                                "红裙，显瘦。"]
     row = encode(tokenizer, messages)
     eot = end_of_turn_token(tokenizer)
-    assert tokenizer.decode([t for t, l in zip(row["input_ids"], row["labels"]) if l != IGNORE_INDEX]) == \
+    assert tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]) == \
         "".join(m["content"] + eot for m in messages if m["role"] == "assistant")
 
 
 def test_sharegpt_role_content_variant_and_tools_as_json_text():
     record = {"conversations": [{"role": "user", "content": "北京天气？"},
-                                {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": '{"city": "北京"}'})},
+                                {"from": "function_call",
+                                 "value": json.dumps({"name": "get_weather", "arguments": '{"city": "北京"}'})},
                                 {"from": "observation", "value": "晴"}, {"role": "assistant", "content": "晴天。"}],
               "tools": json.dumps(WEATHER_TOOLS)}
     example, ignored = FORMATS["sharegpt"].convert(record), []
@@ -176,6 +182,7 @@ def test_sharegpt_role_content_variant_and_tools_as_json_text():
         {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}]}
 
 
+@pytest.mark.slow
 def test_a_template_that_cannot_render_tools_is_refused_before_training(tmp_path, tiny_model):
     path = write_jsonl(tmp_path / "tools.jsonl", [FORMATS["conversation"].example])
     result = run(["python", "-m", "minicpm_finetune.data", "--tokenizer", tiny_model, "--data", path])
@@ -214,7 +221,7 @@ def test_content_that_looks_like_a_special_token_is_text(tokenizer, text):
                 {"role": "user", "content": "再来"}, {"role": "assistant", "content": "好"}]
     row = encode(tokenizer, messages)
     ids, labels = row["input_ids"], row["labels"]
-    learned = [t for t, l in zip(ids, labels) if l != IGNORE_INDEX]
+    learned = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
     # Both replies learned with their end-of-turn; inside the reply text no special token at all.
     assert tokenizer.decode(learned) == text + eot + "好" + eot
     reply = learned[: learned.index(tokenizer.convert_tokens_to_ids(eot))]
@@ -254,7 +261,8 @@ def test_content_that_looks_like_a_special_token_is_text(tokenizer, text):
     ('{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "b"}]}',
      "lone surrogate (\\ud800)"),
     ('[{"messages": []}]', "record is not a JSON object but a list"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}]}',
+    ('{"messages": [{"role": "user", "content": "a"}, '
+     '{"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}]}',
      'message 2: a tool call needs a "name"'),
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "tool_calls": "{"}]}',
      "tool call is a string but not JSON"),
@@ -280,7 +288,8 @@ def test_bad_records_are_named_by_file_and_line(tmp_path, line, problem):
      'turn 2: key "weight" is not used'),
     ("sharegpt", {"conversations": [{"from": "human", "value": "a"}, {"from": "observation", "value": "b"}]},
      "role 'tool' out of order"),
-    ("alpaca", {"instruction": "a", "output": "b", "history": [["only one"]]}, "history item 1 must be a [user, assistant] pair"),
+    ("alpaca", {"instruction": "a", "output": "b", "history": [["only one"]]},
+     "history item 1 must be a [user, assistant] pair"),
     ("alpaca", {"instruction": "a"}, 'missing "output"'),
     ("alpaca", {"instruction": "a", "output": "b", "response": "c"}, 'key "response" is not read by the alpaca format'),
     ("prompt_response", {"prompt": "a"}, 'missing "response"'),
@@ -316,8 +325,9 @@ def test_file_level_problems(tmp_path):
     with pytest.raises(DataError, match=r"pretty.json holds records spread over several lines \(pretty-printed JSON\)"):
         check_file(str(pretty))
     lines_of_arrays = tmp_path / "arrays.jsonl"
-    lines_of_arrays.write_text(json.dumps([FORMATS["alpaca"].example]) + "\n" + json.dumps([FORMATS["alpaca"].example]) + "\n")
-    with pytest.raises(DataError, match="arrays.jsonl is JSON Lines whose lines are arrays: write one JSON object per line"):
+    lines_of_arrays.write_text((json.dumps([FORMATS["alpaca"].example]) + "\n") * 2)
+    with pytest.raises(DataError,
+                       match="arrays.jsonl is JSON Lines whose lines are arrays: write one JSON object per line"):
         check_file(str(lines_of_arrays))
 
 
@@ -394,6 +404,7 @@ def test_tokenized_cache_key_is_data_tokenizer_template_and_length(tmp_path, tin
 # --------------------------------------------------------------------------- preview command
 
 
+@pytest.mark.slow
 def test_preview_command_prints_counts_masks_and_dumps(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": MULTI_TURN}])
     dump = tmp_path / "dump.jsonl"
@@ -402,12 +413,13 @@ def test_preview_command_prints_counts_masks_and_dumps(tmp_path, tiny_model):
     assert result.returncode == 0, result.stderr
     assert "1 samples" in result.stdout and "0 truncated" in result.stdout
     assert "<用户>你好<AI>[[你好，有什么可以帮你的吗？</s>]]<用户>" in result.stdout
-    rows = [json.loads(l) for l in dump.read_text().splitlines()]
+    rows = [json.loads(line) for line in dump.read_text().splitlines()]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     expected = encode(tokenizer, MULTI_TURN, end_of_turn_token(tokenizer), None)
     assert rows == [{"input_ids": expected["input_ids"], "labels": expected["labels"]}]
 
 
+@pytest.mark.slow
 def test_preview_command_reports_bad_data_in_one_line(tmp_path, tiny_model):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")

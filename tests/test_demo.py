@@ -14,6 +14,8 @@ import torch
 
 from conftest import ROOT, free_port, run
 
+pytestmark = pytest.mark.slow  # the demo scripts, end to end
+
 EXPECTED = ("tokenizer_config.json", "chat_template.jinja", "trainer_state.json", "training_args.bin",
             "test_metrics.json", "test_predictions.jsonl", "training_curves.png")
 
@@ -56,7 +58,8 @@ def assert_learned(out, config):
 
 def test_lora_demo_makes_data_and_model_then_learns(demo_dir):
     result, out = run_demo("lora_finetune.sh", demo_dir, "lora")
-    assert "demo: converting the sample" in result.stdout and "demo: building a tiny pretrained MiniCPM" in result.stdout
+    assert "demo: converting the sample" in result.stdout
+    assert "demo: building a tiny pretrained MiniCPM" in result.stdout
     for split in ("train", "dev", "test"):  # the same conversations as the committed data/advertisegen_chat
         with open(demo_dir / "data" / f"{split}.jsonl", "rb") as made, \
                 open(os.path.join(ROOT, "data", "advertisegen_chat", f"{split}.jsonl"), "rb") as committed:
@@ -80,6 +83,8 @@ def test_sft_demo_under_zero3_on_two_processes_learns(demo_dir):
 
 def test_demo_never_builds_over_a_model_path_that_is_given(tmp_path):
     """--demo builds its tiny model only when MODEL_PATH is unset: a given one that is missing is an error."""
-    result = run(["bash", "lora_finetune.sh", "--demo"], env={"MODEL_PATH": "./no-such-model", "DEMO_DIR": str(tmp_path)})
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == ["error: MODEL_PATH ./no-such-model: folder not found"]
+    result = run(["bash", "lora_finetune.sh", "--demo"],
+                 env={"MODEL_PATH": "./no-such-model", "DEMO_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: MODEL_PATH ./no-such-model: folder not found"]
     assert not os.path.exists(os.path.join(ROOT, "no-such-model")) and not os.listdir(tmp_path)

@@ -5,14 +5,15 @@ LoRA under ZeRO-3, and two simulated nodes. Four launches in all; each asserts e
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import ROOT, free_port, run
 
-pytestmark = pytest.mark.skipif(not __import__("shutil").which("deepspeed"), reason="deepspeed launcher not installed")
+pytestmark = [pytest.mark.slow,  # several processes training together
+              pytest.mark.skipif(not __import__("shutil").which("deepspeed"),
+                                 reason="deepspeed launcher not installed")]
 
 # lr high enough, no warm-up: two steps change the logits visibly.
 TRAIN_ARGS = ["--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1",

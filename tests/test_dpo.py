@@ -2,7 +2,6 @@
 reward accuracy and margin go up, the loss is the hand-computed one, and the saved output prefers the chosen replies."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -189,6 +188,7 @@ def assert_rewards_rose(output_dir):
     return test
 
 
+@pytest.mark.slow
 def test_dpo_with_lora_and_sft_term(tmp_path, tiny_model, preference_dir):
     out = tmp_path / "lora"
     beta, sft_weight = 0.5, 0.5
@@ -226,6 +226,7 @@ def test_dpo_with_lora_and_sft_term(tmp_path, tiny_model, preference_dir):
     assert (chosen - rejected).mean().item() == pytest.approx(test["test_rewards/margins"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_dpo_full_fine_tuning(tmp_path, tiny_model, preference_dir):
     out = tmp_path / "full"
     trainer = dpo(tiny_model, preference_dir, out, "--learning_rate", "5e-3")
@@ -255,6 +256,7 @@ def test_trl_fused_head_scores_minicpm_scaled_logits(tiny_model):
     torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not __import__("shutil").which("deepspeed"), reason="deepspeed launcher not installed")
 def test_dpo_full_under_zero3_on_two_processes_through_the_script(tmp_path, tiny_model, preference_dir):
     """The README's command (sft_finetune.sh --stage dpo) on two CPU processes, ZeRO-3: parameters and the
@@ -288,6 +290,7 @@ def test_dpo_full_under_zero3_on_two_processes_through_the_script(tmp_path, tiny
     assert (chosen > rejected).all(), (chosen, rejected)
 
 
+@pytest.mark.slow
 def test_demo_preference_sample_pairs_each_prompt_with_its_own_reply(tmp_path, data_dir):
     import subprocess
     import sys

@@ -8,27 +8,17 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from conftest import VOCAB, random_ids, random_minicpm
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import minicpm_finetune  # noqa: F401  registers model_type "minicpm"
-from minicpm_finetune.configuration_minicpm import MiniCPMConfig
 from minicpm_finetune.export import main, merge_adapter
 from minicpm_finetune.modeling_minicpm import MiniCPMForCausalLM
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOCAB = 300
-CHAT_TEMPLATE = "{% for m in messages %}{% if m.role == 'user' %}<用户>{{ m.content }}<AI>{% else %}{{ m.content }}{% endif %}{% endfor %}"
-
-
-def tiny_model(tied=True, seed=0) -> MiniCPMForCausalLM:
-    torch.manual_seed(seed)
-    config = MiniCPMConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, scale_emb=12, dim_model_base=16, scale_depth=1.4,
-        tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    return MiniCPMForCausalLM(config).eval()
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' %}<用户>{{ m.content }}<AI>{% else %}{{ m.content }}"
+                 "{% endif %}{% endfor %}")
 
 
 def tiny_tokenizer(chat_template=CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
@@ -39,10 +29,6 @@ def tiny_tokenizer(chat_template=CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>",
         chat_template=chat_template,
     )
-
-
-def ids(batch=2, length=12, seed=1):
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def run_cli(*args):
@@ -59,7 +45,7 @@ def only_children(folder):
 @pytest.fixture
 def adapter_dir(tmp_path):
     """A saved tiny base (with tokenizer) and a LoRA adapter on it with non-zero B weights."""
-    tiny_model().save_pretrained(tmp_path / "base")
+    random_minicpm().save_pretrained(tmp_path / "base")
     tiny_tokenizer(chat_template="{{ 'base template' }}").save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # records its path for the adapter config
     peft_model = get_peft_model(
@@ -77,7 +63,7 @@ def adapter_dir(tmp_path):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_llama_export_cli_writes_equivalent_llama_folder(tmp_path, tied):
-    model = tiny_model(tied)
+    model = random_minicpm(tied)
     config = model.config
     config.auto_map = {"AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM"}  # as in official folders
     model.save_pretrained(tmp_path / "minicpm")
@@ -92,7 +78,7 @@ def test_llama_export_cli_writes_equivalent_llama_folder(tmp_path, tied):
     llama = AutoModelForCausalLM.from_pretrained(tmp_path / "llama").eval()
     assert type(llama) is LlamaForCausalLM
     with torch.no_grad():
-        torch.testing.assert_close(llama(ids()).logits, model(ids()).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(llama(random_ids(2, 12)).logits, model(random_ids(2, 12)).logits, atol=1e-5, rtol=0)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llama")
     assert tokenizer.chat_template == CHAT_TEMPLATE
     assert only_children(tmp_path) == ["llama", "minicpm"]  # no temp folder left behind
@@ -101,10 +87,11 @@ def test_llama_export_cli_writes_equivalent_llama_folder(tmp_path, tied):
 # ---------------------------------------------------------------- merge
 
 
+@pytest.mark.slow
 def test_merge_cli_gives_base_plus_adapter_logits(adapter_dir, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    expected = PeftModel.from_pretrained(base, adapter_dir).eval()(ids()).logits
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()(ids()).logits
+    expected = PeftModel.from_pretrained(base, adapter_dir).eval()(random_ids(2, 12)).logits
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()(random_ids(2, 12)).logits
     assert not torch.allclose(expected, plain, atol=1e-3)  # the adapter really changes the model
 
     result = run_cli("merge", "--adapter", adapter_dir, "--output_dir", tmp_path / "merged")
@@ -114,7 +101,7 @@ def test_merge_cli_gives_base_plus_adapter_logits(adapter_dir, tmp_path):
     assert type(merged) is MiniCPMForCausalLM and merged.dtype == torch.float32
     assert not any("lora" in name for name, _ in merged.named_parameters())
     with torch.no_grad():
-        torch.testing.assert_close(merged(ids()).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(merged(random_ids(2, 12)).logits, expected, atol=1e-5, rtol=0)
     assert os.path.exists(tmp_path / "merged" / "model.safetensors")
     # The tokenizer and chat template come from the adapter folder, which has one.
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == CHAT_TEMPLATE
@@ -186,6 +173,7 @@ def test_bad_arguments_give_one_line_and_status_2(adapter_dir, tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_bad_argument_has_no_traceback(tmp_path):
     result = run_cli("merge", "--adapter", tmp_path / "nowhere", "--output_dir", tmp_path / "out")
     assert result.returncode == 2

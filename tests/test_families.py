@@ -7,7 +7,8 @@ import os
 
 import pytest
 import torch
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MiniCPM3Config,
+from conftest import SMALL, TINY_CONFIGS, VOCAB
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, MiniCPM3Config,
                           MistralConfig, Qwen2Config)
 
 import finetune
@@ -18,19 +19,10 @@ from minicpm_finetune.model import compile_decoder_layers
 from minicpm_finetune.portable import ship_model_code
 from minicpm_finetune.templates import (CHATML_TEMPLATE, MINICPM_TEMPLATE, TEMPLATES, apply_template,
                                         end_of_turn_token, resolve_chat_template)
-from minicpm_finetune.tiny import MINICPM_2B_TEMPLATE, tiny_config
+from minicpm_finetune.tiny import MINICPM_2B_TEMPLATE
 
-VOCAB = 300
-SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-
-# A tiny config of every family in the table (adding a family adds one here: test_every_family_has_a_tiny_config),
-# plus model types the table does not know.
-TINY_CONFIGS = {
-    "minicpm": lambda: tiny_config(VOCAB),
-    "minicpm3": lambda: MiniCPM3Config(**SMALL, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
-                                       qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=16),
-    "llama": lambda: LlamaConfig(**SMALL, num_key_value_heads=2),
-}
+# conftest's TINY_CONFIGS has a tiny config of every family in the table (test_every_family_has_a_tiny_config);
+# these are model types the table does not know.
 UNKNOWN_CONFIGS = {
     "qwen2": lambda: Qwen2Config(**SMALL, num_key_value_heads=2),
     "mistral": lambda: MistralConfig(**SMALL, num_key_value_heads=2),
@@ -202,6 +194,7 @@ def test_liger_is_left_to_its_own_rules_for_llama():
 # ------------------------------------------------------------------------------ a model type the table does not know
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["minicpm", "minicpm3", sorted(UNKNOWN_CONFIGS)[0]])
 def test_a_run_trains_with_the_family_defaults_and_one_note(model_type, tmp_path, tiny_model, tiny_chatml_model,
                                                             data_dir, capsys):

@@ -92,28 +92,31 @@ BAD_RECORD_IDS = ["malformed_json", "non_string_content", "wrong_format", "unkno
                   "not_utf8"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, problem", BAD_RECORDS, ids=BAD_RECORD_IDS)
 def test_bad_record_is_named_with_file_and_line(bad_data_run, where, problem):
     folder, out, result = bad_data_run
     assert_clean_failure(result, out)
-    line = next((l for l in result.stderr.splitlines() if where in l), None)
+    line = next((out for out in result.stderr.splitlines() if where in out), None)
     # Lines past the first 20 are counted, not listed; these cases are among the first 20.
     assert line is not None and problem in line, result.stderr
     assert str(folder) in line
 
 
+@pytest.mark.slow
 def test_all_files_checked_in_one_pass_first_20_listed(bad_data_run):
     _, out, result = bad_data_run
     assert_clean_failure(result, out)
     # An unreadable test file (listed first), 9 bad records in train, 26 in dev.
     assert "36 problem(s) in the data" in result.stderr
-    listed = [l for l in result.stderr.splitlines() if ".json" in l and ":" in l]
+    listed = [line for line in result.stderr.splitlines() if ".json" in line and ":" in line]
     assert len(listed) == 20 and "test.jsonl:2: not UTF-8" in listed[0]
     assert 'dev.json:11: missing "output"' in listed[-1]
     assert "... and 16 more" in result.stderr
     assert "train.jsonl:1:" not in result.stderr  # the good record is not flagged
 
 
+@pytest.mark.slow
 def test_unreadable_files_stop_even_with_skip(tmp_path, tiny_model):
     """Empty file and malformed JSON array: whole files, never skipped."""
     (tmp_path / "train.jsonl").write_text("\n  \n", encoding="utf-8")
@@ -126,6 +129,7 @@ def test_unreadable_files_stop_even_with_skip(tmp_path, tiny_model):
     assert f"{tmp_path}/dev.json:3: malformed JSON array" in result.stderr
 
 
+@pytest.mark.slow
 def test_skip_bad_samples_counts_duplicates_and_train_as_validation(tmp_path, tiny_model):
     records = [conversation(q, a) for q, a in QA]
     train = write_jsonl(tmp_path / "train.jsonl", records + records[:2] + [bad_line(0), {"messages": []}])
@@ -220,7 +224,8 @@ def test_samples_with_nothing_to_learn_are_skipped_and_counted(tokenizer):
     from minicpm_finetune.data import tokenize_dataset
 
     def length(messages):
-        return len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids)
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        return len(tokenizer(rendered, add_special_tokens=False).input_ids)
 
     first_end = length(TWO_TURNS[:3]) - 1  # the first reply's eos
     limit = first_end + 1
@@ -289,6 +294,7 @@ def step_losses(folder):
         return {entry["step"]: entry["loss"] for entry in json.load(f)["log_history"] if "loss" in entry}
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reaches_the_same_weights_and_losses(tmp_path, tiny_model, data_dir):
     """SIGKILL after a checkpoint, add half-written checkpoints, resume with `true`: same result as no crash."""
     train = write_jsonl(tmp_path / "train.jsonl", [conversation(q, a) for q, a in QA] * 4)
@@ -318,7 +324,7 @@ def test_kill_and_resume_reaches_the_same_weights_and_losses(tmp_path, tiny_mode
 
     resumed = run(finetune_cmd(tiny_model, train, dev, crashed, *args, "--resume_from_checkpoint", "true"))
     assert resumed.returncode == 0, resumed.stderr
-    chosen = [l for l in resumed.stdout.splitlines() if l.startswith("resuming from")]
+    chosen = [line for line in resumed.stdout.splitlines() if line.startswith("resuming from")]
     assert chosen and "checkpoint-1000, checkpoint-999" in chosen[0] and "/checkpoint-" in chosen[0]
 
     a, b = read_weights(straight), read_weights(crashed)
@@ -332,6 +338,7 @@ def test_kill_and_resume_reaches_the_same_weights_and_losses(tmp_path, tiny_mode
 # --------------------------------------------------------------------------- 4. numerical faults
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     """The fault comes from the model: the embeddings of '☃' are inf; the 5th sample (in order) has one."""
     import torch
@@ -358,7 +365,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
                               "sequential", "--per_device_train_batch_size", 1, "--save_steps", 2,
                               "--eval_strategy", "no", "--max_steps", 6, "--learning_rate", 1e-3))
     assert result.returncode != 0
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "loss is nan at step 5" in errors[0] and f"last good checkpoint is {out}/checkpoint-4" in errors[0]
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
@@ -415,7 +422,8 @@ IMPOSSIBLE = [
     ("report_to unknown", ["--report_to", "wandbb"], "--report_to wandbb: unknown"),
     ("liger on minicpm", ["--model_name_or_path", "{model}", "--use_liger_kernel", "true"],
      "--use_liger_kernel has no effect on minicpm"),
-    ("lora target misspelled", ["--use_lora", "--model_name_or_path", "{model}", "--lora_target_modules", "q_proj,v_prj"],
+    ("lora target misspelled",
+     ["--use_lora", "--model_name_or_path", "{model}", "--lora_target_modules", "q_proj,v_prj"],
      "--lora_target_modules: v_prj matches no layer of this minicpm model; its layers: down_proj,"),
     ("lora target not a layer", ["--use_lora", "--model_name_or_path", "{model}", "--lora_target_modules", "mlp"],
      "mlp (a MiniCPMMLP, not a layer LoRA can wrap) matches no layer"),
@@ -427,7 +435,8 @@ IMPOSSIBLE = [
     ("empty model folder", ["--model_name_or_path", "{tmp}/empty"], "no config.json in this folder"),
     ("resume with other lora settings", ["--use_lora", "--model_name_or_path", "{model}", "--lora_r", "16",
                                          "--resume_from_checkpoint", "{tmp}/lora/checkpoint-2"], "(lora_r 8 -> 16)"),
-    ("resume full from lora", ["--model_name_or_path", "{model}", "--resume_from_checkpoint", "{tmp}/lora/checkpoint-2"],
+    ("resume full from lora",
+     ["--model_name_or_path", "{model}", "--resume_from_checkpoint", "{tmp}/lora/checkpoint-2"],
      "(LoRA fine-tuning -> full fine-tuning)"),
     ("flash attention not installed", ["--attn_implementation", "flash_attention_2"],
      "--attn_implementation flash_attention_2 needs flash-attn: pip install flash-attn"),
@@ -527,9 +536,10 @@ def test_model_max_length_beyond_the_models_positions_is_a_warning(tiny_model, d
     from minicpm_finetune.arguments import check_against_model, parse_args
 
     limit = AutoConfig.from_pretrained(tiny_model).max_position_embeddings
-    model_args, _, training_args = parse_args(["--model_name_or_path", tiny_model, "--train_data_path", str(data_dir / "train.jsonl"),
-                "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out"),
-                "--report_to", "none", "--use_cpu", "--model_max_length", str(limit + 1)])
+    model_args, _, training_args = parse_args([
+        "--model_name_or_path", tiny_model, "--train_data_path", str(data_dir / "train.jsonl"),
+        "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out"),
+        "--report_to", "none", "--use_cpu", "--model_max_length", str(limit + 1)])
     check_against_model(model_args, training_args, AutoConfig.from_pretrained(tiny_model))  # finetune.main's step
     assert capsys.readouterr().out.splitlines() == [
         f"warning: --model_max_length {limit + 1} is beyond the model's {limit} positions; samples that long may "
@@ -570,6 +580,7 @@ def two_runs_at_once(tmp_path_factory, tiny_model, data_dir):
     return out, results
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_folder_one_trains_the_other_stops_in_one_line(two_runs_at_once):
     out, results = two_runs_at_once
     assert sorted(r.returncode for r in results) == [0, 2], [r.stderr for r in results]
@@ -589,6 +600,7 @@ def test_two_runs_into_one_folder_one_trains_the_other_stops_in_one_line(two_run
     assert PeftConfig.from_pretrained(str(out)).r == 8
 
 
+@pytest.mark.slow
 def test_a_locked_folder_is_refused_before_loading(tmp_path, tiny_model, data_dir):
     from minicpm_finetune.outputs import lock_output_dir
 
@@ -602,6 +614,7 @@ def test_a_locked_folder_is_refused_before_loading(tmp_path, tiny_model, data_di
     assert result.stdout == "" and os.listdir(out) == [".finetune.lock"]
 
 
+@pytest.mark.slow
 def test_a_folder_holding_another_run_is_refused_and_overwrite_replaces_it(two_runs_at_once, tiny_model, data_dir):
     """LoRA run in the folder: the same command again, a full run resuming from it, a LoRA run with another rank
     are refused (one line, before loading, nothing touched); --overwrite_output_dir replaces it whole."""
@@ -609,8 +622,10 @@ def test_a_folder_holding_another_run_is_refused_and_overwrite_replaces_it(two_r
     before = folder_state(out)
     refusals = [
         ((), f"--output_dir {out} already holds a finished LoRA fine-tuning run"),
-        (("--resume_from_checkpoint", "true"), "was trained with other settings (LoRA fine-tuning -> full fine-tuning)"),
-        (("--use_lora", "--lora_r", 4, "--resume_from_checkpoint", "true"), "was trained with other settings (lora_r 8 -> 4)"),
+        (("--resume_from_checkpoint", "true"),
+         "was trained with other settings (LoRA fine-tuning -> full fine-tuning)"),
+        (("--use_lora", "--lora_r", 4, "--resume_from_checkpoint", "true"),
+         "was trained with other settings (lora_r 8 -> 4)"),
     ]
     for extra, message in refusals:
         result = run(short_run(tiny_model, data_dir, out, *extra))
@@ -640,6 +655,7 @@ def limited_file_size(limit):
     return apply
 
 
+@pytest.mark.slow
 def test_a_failed_final_save_leaves_no_config_beside_partial_weights(tmp_path, tiny_model, data_dir):
     """The final save cannot write the weights (the file-size limit is below their size): one line, exit 2, and
     the folder holds no config.json or weights (a loader would take them for a model)."""
@@ -655,6 +671,7 @@ def test_a_failed_final_save_leaves_no_config_beside_partial_weights(tmp_path, t
     assert not {"config.json", "model.safetensors", "adapter_config.json"} & set(os.listdir(out))
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint_keeps_the_last_one_and_says_how_to_resume(tmp_path, tiny_model, data_dir):
     """A small tmpfs holds one checkpoint and not two: one line naming the kept checkpoint, no traceback."""
     disk = tmp_path / "disk"
@@ -673,6 +690,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_one_and_says_how_to_resume
         subprocess.run(["umount", str(disk)], check=True)
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, tiny_model, data_dir):
     out = tmp_path / "out"
     command = short_run(tiny_model, data_dir, out, "--max_steps", 400, "--save_steps", 1, "--save_total_limit", 2)
@@ -702,6 +720,7 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, tiny_model, data_
 # --------------------------------------------------------------------------- 9. inference and export: paths, encodings
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where, message", [("a_file/predictions.jsonl", "a_file is a file, not a folder"),
                                             (".", "is a folder, not a file")])
 def test_inference_checks_its_output_path_before_loading(tmp_path, tiny_model, data_dir, where, message):
@@ -715,6 +734,7 @@ def test_inference_checks_its_output_path_before_loading(tmp_path, tiny_model, d
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_an_empty_model_folder_is_one_line_in_inference_and_preview(tmp_path, data_dir):
     empty = tmp_path / "model"
     empty.mkdir()
@@ -729,6 +749,7 @@ def test_an_empty_model_folder_is_one_line_in_inference_and_preview(tmp_path, da
                                            "(tokenizer.json, tokenizer.model or tokenizer_config.json)"]
 
 
+@pytest.mark.slow
 def test_inference_takes_non_utf8_text_with_one_line(tiny_model):
     prompt = run_bytes([sys.executable, "inference.py", "--model_name_or_path", tiny_model, "--prompt", b"a\xffb"])
     assert prompt.returncode == 2
@@ -738,7 +759,7 @@ def test_inference_takes_non_utf8_text_with_one_line(tiny_model):
     chat = run_bytes([sys.executable, "inference.py", "--model_name_or_path", tiny_model, "--max_new_tokens", "4"],
                      stdin=b"hi \xff there\n" + QA[0][0].encode() + b"\n")
     assert chat.returncode == 2 and b"Traceback" not in chat.stderr
-    assert [l for l in chat.stderr.splitlines() if l.startswith(b"error:")] == [
+    assert [line for line in chat.stderr.splitlines() if line.startswith(b"error:")] == [
         b"error: this message is not valid UTF-8 text; not sent"]
     assert chat.stdout.count(b"Assistant: ") == 1
 
@@ -787,6 +808,7 @@ BAD_SETTINGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, env, message", BAD_SETTINGS,
                          ids=[f"{script.split('_')[0]}-{next(iter(env))}={next(iter(env.values()))}"
                               for script, env, _ in BAD_SETTINGS])
@@ -800,6 +822,7 @@ def test_scripts_refuse_a_bad_setting_in_one_line(tmp_path, script, env, message
 # --------------------------------------------------------------------------- 11. the data preview command
 
 
+@pytest.mark.slow
 def test_preview_uses_the_template_training_uses_and_reads_bad_files_in_one_line(tmp_path, tiny_model, data_dir):
     """A tokenizer without a chat template: the model type decides (MiniCPM3: ChatML), in the preview as in
     training. An unreadable file (an I/O error) and a bad record are one line and exit 2."""
@@ -828,5 +851,5 @@ def test_preview_uses_the_template_training_uses_and_reads_bad_files_in_one_line
     unreadable = run([sys.executable, "-m", "minicpm_finetune.data", "--tokenizer", str(model),
                       "--data", "/proc/self/mem"])  # a file whose read fails (EIO)
     assert unreadable.returncode == 2
-    assert [l for l in unreadable.stderr.splitlines() if l.strip()] == [
+    assert [line for line in unreadable.stderr.splitlines() if line.strip()] == [
         "error: /proc/self/mem: cannot read (Input/output error)"]

@@ -33,6 +33,7 @@ def logits(model, tokenizer):
         return model(**batch).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_training_learns_and_saved_output_loads_back(tmp_path, tiny_model, data_dir, mode):
     output_dir = tmp_path / mode
@@ -58,6 +59,7 @@ def test_training_learns_and_saved_output_loads_back(tmp_path, tiny_model, data_
     assert not torch.allclose(logits(AutoModelForCausalLM.from_pretrained(tiny_model), tokenizer), expected, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_lora_with_activation_checkpointing_and_all_linear(tmp_path, tiny_model, data_dir):
     output_dir = tmp_path / "gc"
     trainer = train(tiny_model, data_dir, output_dir, "--use_lora", "--learning_rate", "2e-2",
@@ -84,6 +86,7 @@ def test_batches_are_padded_to_their_longest_sample(tiny_model, data_dir):
     assert batch["input_ids"].shape[1] == max(r["length"] for r in rows) < 512
 
 
+@pytest.mark.slow
 def test_lora_script_runs_on_cpu(tmp_path, tiny_model, data_dir):
     output_dir = tmp_path / "script"
     result = run(["bash", "lora_finetune.sh", "--max_steps", "3", "--eval_steps", "3", "--save_steps", "3",
@@ -100,6 +103,7 @@ def test_lora_script_runs_on_cpu(tmp_path, tiny_model, data_dir):
     assert (args.max_steps, args.eval_steps, args.save_steps) == (3, 3, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", ["yaml", "json"])
 def test_config_file_values_apply_and_flags_after_it_win(tmp_path, tiny_model, data_dir, suffix):
     import yaml
@@ -123,6 +127,7 @@ def test_config_file_values_apply_and_flags_after_it_win(tmp_path, tiny_model, d
     assert (model_args.lora_r, args.max_steps, args.learning_rate) == (4, 7, 0.0123)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, env, message", [
     ("lora_finetune.sh", {"MODEL_PATH": "./no-such-model"}, "MODEL_PATH ./no-such-model: folder not found"),
     ("lora_finetune.sh", {"DATA_DIR": "/no/such/dir"}, "DATA_DIR /no/such/dir: folder not found"),
@@ -139,19 +144,23 @@ def test_scripts_fail_fast_with_one_line(tmp_path, tiny_model, data_dir, script,
     assert not os.path.exists(tmp_path / "out")
 
 
+@pytest.mark.slow
 def test_missing_dev_file_is_named(tmp_path, tiny_model, data_dir):
     only_train = tmp_path / "d"
     only_train.mkdir()
     (only_train / "train.jsonl").write_text((data_dir / "train.jsonl").read_text())
-    result = run(["bash", os.path.join(ROOT, "lora_finetune.sh")], env={"MODEL_PATH": tiny_model, "DATA_DIR": str(only_train)})
+    result = run(["bash", os.path.join(ROOT, "lora_finetune.sh")],
+                 env={"MODEL_PATH": tiny_model, "DATA_DIR": str(only_train)})
     assert result.returncode == 2 and "no dev.jsonl or dev.json" in result.stderr
 
 
+@pytest.mark.slow
 def test_device_cpu_forces_the_cpu_even_with_a_gpu():
     result = run(["bash", "-c", "source scripts/common.sh; DEVICE=cpu device_args"])
     assert result.stdout.strip() == "--use_cpu" and "DEVICE=cpu: training on the CPU" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("metric", ["loss", "rouge-l"])
 def test_early_stopping_stops_and_keeps_the_best_checkpoint(tmp_path, tiny_model, data_dir, metric):
     """Validation answers are the training ones reversed: validation scores improve while the format and words
@@ -172,8 +181,10 @@ def test_early_stopping_stops_and_keeps_the_best_checkpoint(tmp_path, tiny_model
     best = (min if metric == "loss" else max)(scores)
     assert state.global_step < 80 and len(scores) == state.global_step // 4  # stopped early
     assert scores.index(best) == len(scores) - 3  # the (first) best, then two that are not better
-    assert state.best_metric == best and state.best_model_checkpoint == str(output_dir / f"checkpoint-{4 * (len(scores) - 2)}")
-    saved, kept = load_file(output_dir / "model.safetensors"), load_file(os.path.join(state.best_model_checkpoint, "model.safetensors"))
+    assert state.best_metric == best
+    assert state.best_model_checkpoint == str(output_dir / f"checkpoint-{4 * (len(scores) - 2)}")
+    saved = load_file(output_dir / "model.safetensors")
+    kept = load_file(os.path.join(state.best_model_checkpoint, "model.safetensors"))
     assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
     test_metrics = json.loads((output_dir / "test_metrics.json").read_text())
     assert abs(test_metrics[f"test_{metric}"] - best) < 1e-4  # the final evaluation ran on the best model
@@ -195,9 +206,11 @@ def test_docs_scripts_configs_and_notebook_use_no_deprecated_flag():
     assert "gradient_checkpointing" in deprecated  # the check sees transformers' marks
     texts = {path: open(os.path.join(ROOT, path), encoding="utf-8").read()
              for path in ["README.md", "docs/faults.md", "bench/README.md", "lora_finetune.sh", "sft_finetune.sh",
-                          "scripts/common.sh", *[os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/configs/*.yaml")]]}
+                          "scripts/common.sh",
+                          *[os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/configs/*.yaml")]]}
     notebook = nbformat.read(os.path.join(ROOT, "lora_finetune.ipynb"), as_version=4)
     texts["lora_finetune.ipynb"] = "\n".join(cell.source for cell in notebook.cells)
     used = {(path, name) for path, text in texts.items()
-            for name in re.findall(r"--(\w+)", text) + re.findall(r"^(\w+):", text, re.M) + re.findall(r'"(\w+)": ', text)}
+            for name in (re.findall(r"--(\w+)", text) + re.findall(r"^(\w+):", text, re.M)
+                         + re.findall(r'"(\w+)": ', text))}
     assert not {(path, name) for path, name in used if name in deprecated}

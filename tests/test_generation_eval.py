@@ -143,6 +143,7 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_lora_training_logs_generation_metrics(tiny_model, data_dir, tmp_path):
     out = tmp_path / "run"
     result = run([sys.executable, "finetune.py", *finetune_args(
@@ -168,6 +169,7 @@ def test_lora_training_logs_generation_metrics(tiny_model, data_dir, tmp_path):
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_eval_generation_can_be_turned_off(tiny_model, data_dir, tmp_path):
     out = tmp_path / "run"
     result = run([sys.executable, "finetune.py", *finetune_args(
@@ -181,6 +183,7 @@ def test_eval_generation_can_be_turned_off(tiny_model, data_dir, tmp_path):
     assert not (out / "test_predictions.jsonl").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not __import__("shutil").which("deepspeed"), reason="deepspeed launcher not installed")
 def test_zero3_two_processes_match_single_process_generation(tiny_model, data_dir, tmp_path):
     """Under ZeRO-3 in two processes, with an odd sample count (one rank pads its share), the predictions
@@ -190,7 +193,8 @@ def test_zero3_two_processes_match_single_process_generation(tiny_model, data_di
     out = tmp_path / "zero3"
     test_file = tmp_path / "test.jsonl"
     test_file.write_text("".join((data_dir / "test.jsonl").read_text().splitlines(keepends=True)[:3]))
-    result = run(["deepspeed", "--num_gpus", "2", "--master_port", "29517", "finetune.py", "--deepspeed", "configs/ds_config_zero3.json",
+    result = run(["deepspeed", "--num_gpus", "2", "--master_port", "29517", "finetune.py",
+                  "--deepspeed", "configs/ds_config_zero3.json",
                   *finetune_args(tiny_model, data_dir, out, "--test_data_path", str(test_file), "--max_steps", "2",
                                  "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "1",
                                  "--disable_tqdm", "true")])

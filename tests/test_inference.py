@@ -63,6 +63,7 @@ def in_process(model_dir, prompts, adapter=None):
     return generate_replies(model, tokenizer, prompts, max_new_tokens=int(MAX_NEW), show_progress=False)
 
 
+@pytest.mark.slow
 def test_lora_adapter_and_merged_model_give_the_same_text(base_model, lora_adapter, tmp_path):
     from peft import PeftModel
 
@@ -86,6 +87,7 @@ def test_lora_adapter_and_merged_model_give_the_same_text(base_model, lora_adapt
     assert in_process(base_model, [[{"role": "user", "content": prompt}]])[0] != expected
 
 
+@pytest.mark.slow
 def test_full_finetune_output_batch_file_predictions_and_metrics(base_model, data_dir, tmp_path):
     full = finetune(base_model, data_dir, tmp_path / "full", "--learning_rate", "1e-3")
     predictions, metrics_file = tmp_path / "pred.jsonl", tmp_path / "scores.json"
@@ -104,9 +106,11 @@ def test_full_finetune_output_batch_file_predictions_and_metrics(base_model, dat
     assert '"rouge-1"' in result.stdout  # printed too
 
 
+@pytest.mark.slow
 def test_prompt_only_file_gives_predictions_without_metrics(tiny_model, tmp_path):
     data = tmp_path / "prompts.jsonl"
-    data.write_text('{"input": "你好"}\n{"messages": [{"role": "user", "content": "推荐一条裙子"}]}\n', encoding="utf-8")
+    data.write_text('{"input": "你好"}\n{"messages": [{"role": "user", "content": "推荐一条裙子"}]}\n',
+                    encoding="utf-8")
     result = infer("--model_name_or_path", tiny_model, "--input_file", str(data), "--output_file",
                    str(tmp_path / "out.jsonl"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -115,11 +119,14 @@ def test_prompt_only_file_gives_predictions_without_metrics(tiny_model, tmp_path
     assert not (tmp_path / "out.metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_interactive_chat_keeps_history_until_clear(base_model, lora_adapter):
     first, second = QA[0][0], QA[2][0]
-    result = infer("--model_name_or_path", lora_adapter, stdin=f"{first}\n{second}\nclear\n{second}\nexit\nnever read\n")
+    result = infer("--model_name_or_path", lora_adapter,
+                   stdin=f"{first}\n{second}\nclear\n{second}\nexit\nnever read\n")
     assert result.returncode == 0, result.stderr[-3000:]
-    replies = [line.removeprefix("Assistant: ") for line in result.stdout.splitlines() if line.startswith("Assistant: ")]
+    replies = [line.removeprefix("Assistant: ") for line in result.stdout.splitlines()
+               if line.startswith("Assistant: ")]
     assert len(replies) == 3 and "(history cleared)" in result.stdout
     user = [{"role": "user", "content": first}]
     turn_two = user + [{"role": "assistant", "content": replies[0]}, {"role": "user", "content": second}]
@@ -127,6 +134,7 @@ def test_interactive_chat_keeps_history_until_clear(base_model, lora_adapter):
     assert replies == expected  # the second turn saw the first; after clear it did not
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--model_name_or_path", "/no/such/model"], "--model_name_or_path /no/such/model: folder not found"),
     (["--model_name_or_path", "TINY", "--adapter", "/no/such/adapter"], "--adapter /no/such/adapter: folder not found"),
@@ -228,6 +236,7 @@ def replies_in(stdout):
     return [line.removeprefix("Assistant: ") for line in stdout.splitlines() if line.startswith("Assistant: ")]
 
 
+@pytest.mark.slow
 def test_chat_drops_oldest_exchanges_refuses_a_message_too_long_and_streams_the_same_text(base_model):
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model).eval()
@@ -264,6 +273,7 @@ def test_chat_drops_oldest_exchanges_refuses_a_message_too_long_and_streams_the_
     assert streamed.stdout == whole.stdout
 
 
+@pytest.mark.slow
 def test_file_prompts_drop_oldest_exchanges_and_a_prompt_too_long_names_its_record(base_model, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     new = int(MAX_NEW)
@@ -297,6 +307,7 @@ def test_file_prompts_drop_oldest_exchanges_and_a_prompt_too_long_names_its_reco
                              f"with --max_new_tokens {new} it exceeds --max_length {max_length}\n")
 
 
+@pytest.mark.slow
 def test_prompt_too_long_alone_is_refused_with_one_line(tiny_model):
     result = infer("--model_name_or_path", tiny_model, "--max_length", "30", "--prompt", LONG)
     length = prompt_length(AutoTokenizer.from_pretrained(tiny_model), [user(LONG)])

@@ -10,6 +10,8 @@ import sys
 import pytest
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # pip installs into a fresh virtual environment
+
 SCRIPTS = ["minicpm-finetune", "minicpm-inference", "minicpm-export", "minicpm-data", "minicpm-advertisegen",
            "minicpm-curves", "minicpm-tiny"]
 CHECK = """

@@ -111,7 +111,8 @@ def test_mean_over_samples():
     assert compute_metrics(predictions, references) == {k: approx(v) for k, v in expected.items()}
 
 
-@pytest.mark.parametrize("prediction, reference", [("", "我喜欢吃苹果"), ("我喜欢吃苹果", ""), (" \n\t", "abc def"), ("", "")])
+@pytest.mark.parametrize("prediction, reference",
+                         [("", "我喜欢吃苹果"), ("我喜欢吃苹果", ""), (" \n\t", "abc def"), ("", "")])
 def test_empty_side_scores_0_and_counts_in_the_mean(prediction, reference):
     assert compute_metrics([prediction], [reference]) == {key: 0.0 for key in KEYS}
     # Alongside an identical pair, the empty pair halves the mean.

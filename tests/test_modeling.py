@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+from conftest import TINY_CONFIGS, VOCAB, random_ids, random_minicpm
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import minicpm_finetune  # noqa: F401  registers model_type "minicpm"
@@ -17,39 +18,7 @@ from minicpm_finetune.export import fold_into_llama
 from minicpm_finetune.families import family_of
 from minicpm_finetune.loss import causal_lm_loss
 from minicpm_finetune.modeling_minicpm import MiniCPMForCausalLM
-
-VOCAB = 300
-
-
-def tiny_config(tied=True, **overrides) -> MiniCPMConfig:
-    fields = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        scale_emb=12,
-        dim_model_base=16,
-        scale_depth=1.4,
-        tie_word_embeddings=tied,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    fields.update(overrides)
-    return MiniCPMConfig(**fields)
-
-
-def tiny_model(tied=True, seed=0, **overrides) -> MiniCPMForCausalLM:
-    torch.manual_seed(seed)
-    return MiniCPMForCausalLM(tiny_config(tied, **overrides)).eval()
-
-
-def random_ids(batch, length, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, length), generator=generator)
+from minicpm_finetune.tiny import tiny_config
 
 
 def greedy(model, input_ids, **kwargs):
@@ -63,7 +32,7 @@ def greedy(model, input_ids, **kwargs):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_llama_folding_gives_same_logits_and_generation(tied):
-    model = tiny_model(tied)
+    model = random_minicpm(tied)
     llama = fold_into_llama(model)
     assert isinstance(llama, LlamaForCausalLM) and not llama.config.tie_word_embeddings
     ids = random_ids(2, 16)
@@ -76,19 +45,19 @@ def test_llama_folding_gives_same_logits_and_generation(tied):
 def test_scalings_are_applied():
     """Changing each muP scaling changes the logits (they are not silently ignored)."""
     ids = random_ids(1, 8)
-    base = tiny_model()(ids).logits
+    base = random_minicpm()(ids).logits
     for field, value in (("scale_emb", 1.0), ("scale_depth", 2.0), ("dim_model_base", 64)):
-        assert not torch.allclose(tiny_model(**{field: value})(ids).logits, base, atol=1e-4), field
+        assert not torch.allclose(random_minicpm(**{field: value})(ids).logits, base, atol=1e-4), field
 
 
 def test_tied_and_untied_heads():
-    tied, untied = tiny_model(True), tiny_model(False)
+    tied, untied = random_minicpm(True), random_minicpm(False)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
 
 
 def test_official_rope_keys_become_rope_parameters():
-    config = tiny_config(rope_theta=50000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    config = tiny_config(VOCAB, rope_theta=50000.0, rope_scaling={"type": "linear", "factor": 2.0})
     assert config.rope_parameters["rope_theta"] == 50000.0
     assert config.rope_parameters["rope_type"] == "linear"
     half_head = config.head_dim // 2
@@ -98,13 +67,13 @@ def test_official_rope_keys_become_rope_parameters():
         "long_factor": [2.0] * half_head,
         "original_max_position_embeddings": 128,
     }
-    model = MiniCPMForCausalLM(tiny_config(rope_scaling=longrope)).eval()
+    model = MiniCPMForCausalLM(tiny_config(VOCAB, rope_scaling=longrope)).eval()
     assert model.model.rotary_emb.rope_type == "longrope"
     assert model(random_ids(1, 8)).logits.isfinite().all()
 
 
 def test_logits_to_keep():
-    model = tiny_model()
+    model = random_minicpm()
     ids = random_ids(2, 10)
     with torch.no_grad():
         full = model(ids).logits
@@ -166,7 +135,7 @@ def write_official_layout(model, folder, fmt):
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_official_layout_loads_natively(tmp_path, fmt, tied):
-    model = tiny_model(tied)
+    model = random_minicpm(tied)
     folder = write_official_layout(model, tmp_path / "official", fmt)
     ids = random_ids(2, 12)
     expected = model(ids).logits
@@ -180,7 +149,7 @@ def test_official_layout_loads_natively(tmp_path, fmt, tied):
 
 
 def test_save_load_round_trip(tmp_path):
-    model = tiny_model(tied=False)
+    model = random_minicpm(tied=False)
     model.save_pretrained(tmp_path / "saved")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
     assert type(loaded) is MiniCPMForCausalLM
@@ -190,35 +159,25 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_llama_and_minicpm3_folders_load_through_auto_class(tmp_path):
-    from transformers import MiniCPM3Config
-
-    llama = LlamaForCausalLM(
-        LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2)
-    )
+    llama = LlamaForCausalLM(TINY_CONFIGS["llama"]())
     llama.save_pretrained(tmp_path / "llama")
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "llama")) is LlamaForCausalLM
 
-    minicpm3_config = MiniCPM3Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-        v_head_dim=16,
-    )
-    AutoModelForCausalLM.from_config(minicpm3_config).save_pretrained(tmp_path / "minicpm3")
+    AutoModelForCausalLM.from_config(TINY_CONFIGS["minicpm3"]()).save_pretrained(tmp_path / "minicpm3")
     minicpm3 = AutoModelForCausalLM.from_pretrained(tmp_path / "minicpm3")
     assert minicpm3.config.model_type == "minicpm3"
     module_names = {name.rsplit(".", 1)[-1] for name, _ in minicpm3.named_modules()}
     assert set(family_of(minicpm3).lora_targets(minicpm3.config)) <= module_names
     assert family_of(llama).lora_targets(llama.config) == ["q_proj", "v_proj"]
-    assert family_of(tiny_config()).lora_targets(tiny_config()) == ["q_proj", "v_proj"]
+    assert family_of(tiny_config(VOCAB)).lora_targets(tiny_config(VOCAB)) == ["q_proj", "v_proj"]
 
 
 # ---------------------------------------------------------------- attention
 
 
 def test_eager_and_sdpa_agree_on_logits_and_gradients():
-    eager = tiny_model(attn_implementation="eager")
-    sdpa = tiny_model(attn_implementation="sdpa")
+    eager = random_minicpm(attn_implementation="eager")
+    sdpa = random_minicpm(attn_implementation="sdpa")
     assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
     ids = random_ids(2, 12)
     mask = torch.ones_like(ids)
@@ -236,7 +195,7 @@ def test_eager_and_sdpa_agree_on_logits_and_gradients():
 
 
 def test_left_padded_batch_generation_matches_single_samples():
-    model = tiny_model()
+    model = random_minicpm()
     prompts = [random_ids(1, 7, seed=3)[0], random_ids(1, 4, seed=4)[0]]
     width = max(len(p) for p in prompts)
     input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -252,7 +211,7 @@ def test_left_padded_batch_generation_matches_single_samples():
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_row_keeps_attention_inside_each_sample(attn):
-    model = tiny_model(attn_implementation=attn)
+    model = random_minicpm(attn_implementation=attn)
     first, second = random_ids(1, 9, seed=5), random_ids(1, 6, seed=6)
     packed = torch.cat([first, second], dim=1)
     position_ids = torch.cat([torch.arange(9), torch.arange(6)])[None]
@@ -348,7 +307,7 @@ def test_fused_path_only_for_a_plain_head():
 
     from minicpm_finetune.loss import fusable_weight
 
-    model = tiny_model(tied=False)
+    model = random_minicpm(tied=False)
     assert fusable_weight(model.lm_head) is model.lm_head.weight
     hooked = torch.nn.Linear(4, 8, bias=False)
     hooked.register_forward_pre_hook(lambda module, args: None)  # as DeepSpeed ZeRO-3 gathers its weight
@@ -366,7 +325,7 @@ def test_chunked_loss_does_not_keep_chunk_logits_for_backward():
     for fused in (True, False):
         saved = []
 
-        def pack(tensor):
+        def pack(tensor, saved=saved):  # this pass's list
             saved.append(tensor.numel())
             return tensor
 
@@ -376,7 +335,7 @@ def test_chunked_loss_does_not_keep_chunk_logits_for_backward():
 
 
 def test_model_loss_equals_cross_entropy_of_its_logits():
-    model = tiny_model()
+    model = random_minicpm()
     ids = random_ids(2, 12)
     labels = ids.clone()
     labels[:, :4] = -100
@@ -392,7 +351,7 @@ def test_model_loss_equals_cross_entropy_of_its_logits():
 def test_lora_with_gradient_checkpointing_trains():
     from peft import LoraConfig, get_peft_model
 
-    model = tiny_model(num_hidden_layers=2)
+    model = random_minicpm(num_hidden_layers=2)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
@@ -419,7 +378,7 @@ def test_loss_goes_through_a_peft_wrapped_lm_head():
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(
-        tiny_model(tied=False), LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False)
+        random_minicpm(tied=False), LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False)
     )
     ids = random_ids(2, 10)
     logits = model(input_ids=ids).logits

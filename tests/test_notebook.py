@@ -86,6 +86,7 @@ def executed(tmp_path_factory):
     return nb, summary, work
 
 
+@pytest.mark.slow
 def test_notebook_learns(executed):
     nb, summary, work = executed
     assert summary["device"] == "cpu" and summary["test_samples"] == 100
@@ -102,6 +103,7 @@ def test_notebook_learns(executed):
     assert os.path.realpath(summary["output_dir"]).startswith(os.path.realpath(str(work)))
 
 
+@pytest.mark.slow
 def test_notebook_shows_table_samples_and_curves(executed):
     nb, summary, _ = executed
     table, = cells_tagged(nb, "metrics")
@@ -119,6 +121,7 @@ def test_notebook_shows_table_samples_and_curves(executed):
     assert "lora_finetune.sh" in log and "'loss'" in log and "eval_rouge-l" in log
 
 
+@pytest.mark.slow
 def test_notebook_merges_and_chats(executed):
     nb, summary, _ = executed
     merged = summary["merged_dir"]

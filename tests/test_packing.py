@@ -184,6 +184,7 @@ def train_args(tiny_model, data_dir, tmp_path, *extra):
             "--use_cpu", "--report_to", "none", "--model_max_length", "64", *extra]
 
 
+@pytest.mark.slow
 def test_finetune_with_packing_trains(tiny_model, data_dir, tmp_path, capsys):
     import finetune
 
@@ -214,6 +215,7 @@ def test_bf16_lora_keeps_adapters_in_fp32(tiny_model, data_dir, tmp_path):
     assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in base.values())
 
 
+@pytest.mark.slow
 def test_qlora_trains_with_packing_and_checkpointing(data_dir, tmp_path):
     """--qlora --packing --activation_checkpointing through finetune.py on the CPU (bitsandbytes' CPU
     backend): q/v are 4-bit NF4 under fp32 LoRA adapters, only the adapters train, the loss goes down, and
@@ -229,9 +231,9 @@ def test_qlora_trains_with_packing_and_checkpointing(data_dir, tmp_path):
 
     # bitsandbytes' CPU inference kernel needs every in_features to be a multiple of its 64-value blocks,
     # as all of MiniCPM's are (2304, 5760); the shared tiny model's MLP width (160) is not.
-    tiny_model = build_tiny(str(tmp_path / "tiny"), [str(data_dir / "train.jsonl")], intermediate_size=128)
+    model_dir = build_tiny(str(tmp_path / "tiny"), [str(data_dir / "train.jsonl")], intermediate_size=128)
 
-    args = train_args(tiny_model, data_dir, tmp_path, "--qlora", "--packing", "--activation_checkpointing",
+    args = train_args(model_dir, data_dir, tmp_path, "--qlora", "--packing", "--activation_checkpointing",
                       "--per_device_train_batch_size", "2", "--max_steps", "8", "--learning_rate", "2e-2",
                       "--logging_steps", "1", "--eval_generation", "false", "--save_strategy", "no")
     trainer = finetune.main(args)
@@ -245,7 +247,8 @@ def test_qlora_trains_with_packing_and_checkpointing(data_dir, tmp_path):
     assert len(losses) == 8 and losses[-1] < losses[0], losses
 
     _, _, training_args = parse_args(args)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, **qlora_kwargs(load_dtype(training_args), training_args.device))
+    base = AutoModelForCausalLM.from_pretrained(model_dir,
+                                                **qlora_kwargs(load_dtype(training_args), training_args.device))
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "out")).eval()
     ids = torch.tensor([[1, 5, 9, 14, 20, 33, 41, 2]])
     with torch.no_grad():

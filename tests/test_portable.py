@@ -99,6 +99,7 @@ def test_the_legacy_setting_changes_ids_when_lost(legacy_base, tmp_path):
     assert legacy[legacy.index("，") + 1].startswith("▁") and not plain[plain.index("，") + 1].startswith("▁")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["lora", "checkpoint", "full", "merged", "llama", "dpo"])
 def test_every_output_keeps_the_tokenizer_it_was_trained_with(outputs, legacy_base, name):
     folder = outputs[name]
@@ -118,6 +119,7 @@ def test_every_output_keeps_the_tokenizer_it_was_trained_with(outputs, legacy_ba
     assert reloaded.pad_token == "<unk>"  # the pad token we trained with
 
 
+@pytest.mark.slow
 def test_adapter_names_its_relative_base_as_an_absolute_path(outputs):
     for folder in (outputs["lora"], outputs["checkpoint"]):
         with open(folder / "adapter_config.json", encoding="utf-8") as f:
@@ -162,6 +164,7 @@ OFFICIAL_FIELDS = {"architectures", "bos_token_id", "eos_token_id", "hidden_act"
                    "use_cache", "vocab_size", "scale_emb", "dim_model_base", "scale_depth", "auto_map"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["full", "merged", "dpo"])
 def test_model_folders_load_without_the_package(outputs, name, tmp_path):
     folder = outputs[name]
@@ -209,6 +212,7 @@ def hub_env(legacy_base, tmp_path_factory):
     return dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
 
 
+@pytest.mark.slow
 def test_hub_id_base_trains_merges_and_infers_offline_from_the_cache(hub_env, legacy_base, data_dir, tmp_path):
     from peft import PeftModel
 
@@ -247,6 +251,7 @@ def test_hub_id_base_trains_merges_and_infers_offline_from_the_cache(hub_env, le
     assert replies[0] == replies[1] and replies[0].strip()
 
 
+@pytest.mark.slow
 def test_hub_id_base_missing_from_the_cache_is_one_line(hub_env, outputs, tmp_path):
     adapter = tmp_path / "adapter"
     shutil.copytree(outputs["lora"], adapter)
@@ -263,3 +268,31 @@ def test_hub_id_base_missing_from_the_cache_is_one_line(hub_env, outputs, tmp_pa
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "owner/missing" in lines[0], lines
     assert not os.path.exists(tmp_path / "merged")
+
+
+# --------------------------------------------------------------------------- the parts, called directly
+
+
+def test_copy_tokenizer_replaces_the_saved_one_and_records_template_and_pad_token(tmp_path):
+    from minicpm_finetune.portable import copy_tokenizer
+
+    source, out = tmp_path / "base", tmp_path / "out"
+    source.mkdir()
+    out.mkdir()
+    (source / "tokenizer.model").write_bytes(b"\x00sentencepiece\xff")
+    (source / "tokenizer_config.json").write_text(json.dumps({"legacy": True, "chat_template": "base's"}))
+    (source / "chat_template.jinja").write_text("base's")
+    (source / "model.safetensors").write_text("weights: not the tokenizer's")
+    (out / "tokenizer.json").write_text("what save_pretrained wrote")
+    (out / "config.json").write_text("{}")
+    copy_tokenizer(str(source), str(out), chat_template="ours", pad_token="<unk>")
+    assert sorted(os.listdir(out)) == ["chat_template.jinja", "config.json", "tokenizer.model",
+                                       "tokenizer_config.json"]
+    assert (out / "tokenizer.model").read_bytes() == b"\x00sentencepiece\xff"
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"legacy": True, "pad_token": "<unk>"}
+    assert (out / "chat_template.jinja").read_text() == "ours"
+    plain = tmp_path / "plain"
+    copy_tokenizer(str(source), str(plain))  # no template or pad token given: the files as they are
+    assert (plain / "tokenizer_config.json").read_bytes() == (source / "tokenizer_config.json").read_bytes()
+    assert (plain / "chat_template.jinja").read_text() == "base's"
+

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 from conftest import run
 from transformers import AutoConfig, AutoTokenizer
 
@@ -18,11 +19,13 @@ def test_tiny_model_is_a_native_minicpm_with_real_scalings(tiny_model):
     assert tokenizer.decode(tokenizer("龘 ☃", add_special_tokens=False)["input_ids"]) == "龘 ☃"
 
 
+@pytest.mark.slow
 def test_tiny_cli_reports_bad_data_in_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n', encoding="utf-8")
     for data, message in ((bad, f"{bad}:2: malformed JSON"), (tmp_path / "missing.jsonl", "file not found")):
-        result = run(["python", "-m", "minicpm_finetune.tiny", "--output_dir", str(tmp_path / "out"), "--data", str(data)])
+        result = run(["python", "-m", "minicpm_finetune.tiny", "--output_dir", str(tmp_path / "out"),
+                      "--data", str(data)])
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
         assert not os.path.exists(tmp_path / "out")
