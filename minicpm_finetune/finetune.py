@@ -28,8 +28,8 @@ from minicpm_finetune.outputs import (check_output_dir, clear_previous_run, lock
                                       save_final_model, unlock_output_dir)
 from minicpm_finetune.prompts import eval_samples
 from minicpm_finetune.results import save_metrics, save_predictions
-from minicpm_finetune.safety import (NonFiniteLossError, ProcessReport, checkpoint_step, latest_checkpoint,
-                                     resolve_resume)
+from minicpm_finetune.safety import (NonFiniteLossError, ProcessReport, StopOnSignal, checkpoint_step,
+                                     latest_checkpoint, resolve_resume)
 from minicpm_finetune.trainer import MiniCPMTrainer
 
 
@@ -52,27 +52,30 @@ def claim_output_dir(model_args, training_args, settings) -> None:
 def train_and_save(trainer, training_args, finish) -> None:
     """Train (resuming when asked), save the final model whole, then ``finish()`` (the evaluation).
 
-    A NaN loss, Ctrl-C or a full disk ends the run with one line saying what is kept and how to go on.
+    A NaN loss, Ctrl-C, SIGTERM or a full disk ends the run with one line saying what is kept and how to go on.
     """
     saved = False
-    try:  # resume_from_checkpoint: a complete checkpoint folder (main resolves "true"/"latest")
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        # LoRA: the adapter; full: the whole model (gathered under ZeRO-3); both + tokenizer. Staged and moved
-        # in, config last: a kill during the save leaves no config beside partial weights.
-        save_final_model(trainer)
-        trainer.save_state()
-        saved = True
-        finish()
-    except NonFiniteLossError as e:
-        fail(e)
-    except KeyboardInterrupt:
-        stop(trainer, "interrupted (Ctrl-C)", 130, saved)
-    except Exception as e:
-        reason = out_of_space(e, training_args.output_dir)
-        if reason is None:
-            raise
-        stop(trainer, f"cannot write to {training_args.output_dir} ({reason})", 2, saved,
-             "free some space, then continue")
+    signals = StopOnSignal()
+    trainer.add_callback(signals)
+    with signals.installed():
+        try:  # resume_from_checkpoint: a complete checkpoint folder (main resolves "true"/"latest")
+            trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+            # LoRA: the adapter; full: the whole model (gathered under ZeRO-3); both + tokenizer. Staged and
+            # moved in, config last: a kill during the save leaves no config beside partial weights.
+            save_final_model(trainer)
+            trainer.save_state()
+            saved = True
+            finish()
+        except NonFiniteLossError as e:
+            fail(e)
+        except KeyboardInterrupt:
+            stop(trainer, *signals.reason(), saved)
+        except Exception as e:
+            reason = out_of_space(e, training_args.output_dir)
+            if reason is None:
+                raise
+            stop(trainer, f"cannot write to {training_args.output_dir} ({reason})", 2, saved,
+                 "free some space, then continue")
     unlock_output_dir(training_args.output_dir)  # the run is over (main may be called again in one process)
 
 

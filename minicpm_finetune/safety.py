@@ -8,6 +8,9 @@ counts only when its ``trainer_state.json`` parses and records step N and its we
 scheduler and RNG files are whole (``is_whole_file``), so a folder cut off by a crash mid-save, or
 whose files were truncated later (a full disk, a copy cut short), is never picked.
 
+Signals: ``StopOnSignal`` turns Ctrl-C (SIGINT) and SIGTERM (``kill PID``, a job scheduler's stop) into the same
+KeyboardInterrupt, so both end a run with the line naming the checkpoint to resume from.
+
 Numerical faults: ``NonFiniteLossGuard`` checks each micro-batch's loss (on every process, agreed
 with one all-reduce) and raises ``NonFiniteLossError`` before the optimizer applies a NaN/inf
 gradient, so no checkpoint after the fault is written. (transformers' default would replace the
@@ -16,9 +19,12 @@ logged value and step on.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
+import threading
 import zipfile
 
 import torch
@@ -149,3 +155,41 @@ class ProcessReport(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._say(args, state, "training finished")
+
+
+class StopOnSignal(TrainerCallback):
+    """Ctrl-C (SIGINT) and SIGTERM stop training by raising KeyboardInterrupt, while ``installed()``.
+
+    The handler raises at once. Python drops an exception raised while it runs a destructor or a callback
+    from C code ("Exception ignored in ..."), and training would then go on to the end; so the signal is
+    also recorded and raised again when the step ends.
+    """
+
+    REASONS = {signal.SIGINT: ("interrupted (Ctrl-C)", 130), signal.SIGTERM: ("terminated (SIGTERM)", 143)}
+
+    def __init__(self):
+        self.received = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield self
+            return
+        previous = {number: signal.signal(number, self._handle) for number in self.REASONS}
+        try:
+            yield self
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+    def _handle(self, number, frame):
+        self.received = signal.Signals(number)
+        raise KeyboardInterrupt
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            raise KeyboardInterrupt  # the handler's exception was dropped
+
+    def reason(self) -> tuple[str, int]:
+        """What stopped the run and its exit status (a KeyboardInterrupt from elsewhere counts as Ctrl-C)."""
+        return self.REASONS[self.received or signal.SIGINT]

@@ -690,8 +690,29 @@ def test_full_disk_during_a_checkpoint_keeps_the_last_one_and_says_how_to_resume
         subprocess.run(["umount", str(disk)], check=True)
 
 
+def test_a_signal_stops_training_even_when_its_first_exception_is_dropped():
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from minicpm_finetune.safety import StopOnSignal
+
+    before = signal.getsignal(signal.SIGTERM)
+    signals = StopOnSignal()
+    with signals.installed():
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises while this waits
+        assert signals.reason() == ("terminated (SIGTERM)", 143)
+        # Python dropped the exception (raised inside a destructor, say): the step's end raises it again.
+        with pytest.raises(KeyboardInterrupt):
+            signals.on_step_end(TrainingArguments("unused", report_to=[]), TrainerState(), TrainerControl())
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers are the test process's own again
+    assert StopOnSignal().reason() == ("interrupted (Ctrl-C)", 130)  # a KeyboardInterrupt from elsewhere
+
+
 @pytest.mark.slow
-def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, tiny_model, data_dir):
+@pytest.mark.parametrize("signal_number, status, why", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                                         (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, tiny_model, data_dir, signal_number, status, why):
     out = tmp_path / "out"
     command = short_run(tiny_model, data_dir, out, "--max_steps", 400, "--save_steps", 1, "--save_total_limit", 2)
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -701,12 +722,12 @@ def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, tiny_model, data_
     while not (os.path.isdir(out) and latest_checkpoint(str(out))[0]):  # a complete checkpoint, whichever
         assert time.time() < deadline and process.poll() is None, process.communicate()[1][-3000:]
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal_number)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    result = subprocess.CompletedProcess(command, 130, stdout, stderr)
+    assert process.returncode == status, stderr
+    result = subprocess.CompletedProcess(command, status, stdout, stderr)
     errors = error_lines(result)
-    assert len(errors) == 1 and errors[0].startswith("error: interrupted (Ctrl-C) at step "), stderr
+    assert len(errors) == 1 and errors[0].startswith(f"error: {why} at step "), stderr
     kept = errors[0].split(" kept ")[1].split(" ")[0]
     assert kept.startswith(f"{out}/checkpoint-") and os.path.isfile(os.path.join(kept, "trainer_state.json"))
     assert errors[0].endswith("continue with the same command and --resume_from_checkpoint true")
