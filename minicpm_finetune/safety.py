@@ -175,7 +175,9 @@ class StopOnSignal(TrainerCallback):
         if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
             yield self
             return
-        previous = {number: signal.signal(number, self._handle) for number in self.REASONS}
+        # A signal ignored when the run started stays ignored (a shell starts background jobs with SIGINT ignored).
+        previous = {number: signal.signal(number, self._handle) for number in self.REASONS
+                    if signal.getsignal(number) is not signal.SIG_IGN}
         try:
             yield self
         finally:

@@ -707,6 +707,13 @@ def test_a_signal_stops_training_even_when_its_first_exception_is_dropped():
             signals.on_step_end(TrainingArguments("unused", report_to=[]), TrainerState(), TrainerControl())
     assert signal.getsignal(signal.SIGTERM) is before  # the handlers are the test process's own again
     assert StopOnSignal().reason() == ("interrupted (Ctrl-C)", 130)  # a KeyboardInterrupt from elsewhere
+    # A signal ignored when the run starts stays ignored.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with StopOnSignal().installed():
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @pytest.mark.slow
@@ -715,7 +722,10 @@ def test_a_signal_stops_training_even_when_its_first_exception_is_dropped():
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(tmp_path, tiny_model, data_dir, signal_number, status, why):
     out = tmp_path / "out"
     command = short_run(tiny_model, data_dir, out, "--max_steps", 400, "--save_steps", 1, "--save_total_limit", 2)
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: a test run started in the background (`pytest &`, CI in a job) would pass SIGINT on
+    # ignored, and the run would rightly keep ignoring it.
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     from minicpm_finetune.safety import latest_checkpoint
 
     deadline = time.time() + 300
