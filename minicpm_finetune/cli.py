@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 
-EXIT_BAD_INPUT = 2  # every bad-input exit (docs/faults.md); 130 after Ctrl-C
+EXIT_BAD_INPUT = 2  # every bad-input exit (docs/faults.md); 130 after Ctrl-C, 143 after SIGTERM in training
 
 
 class FinetuneError(Exception):
