@@ -836,6 +836,12 @@ BAD_SETTINGS = [
     ("lora_finetune.sh", {"PRECISION": "bf17"}, "PRECISION=bf17: expected bf16 or fp16"),
     ("sft_finetune.sh", {"DEVICE": "gpu"}, "DEVICE=gpu: expected auto or cpu"),
     ("lora_finetune.sh", {"GPU": "first"}, "GPU=first: expected a GPU number such as 0 (or a list: 0,1)"),
+    ("lora_finetune.sh", {"MODEL_PATH": "./no-such-model"}, "MODEL_PATH ./no-such-model: folder not found"),
+    ("lora_finetune.sh", {"DATA_DIR": "/no/such/dir"}, "DATA_DIR /no/such/dir: folder not found"),
+    ("sft_finetune.sh", {"DS_CONFIG": "configs/nope.json"}, "DS_CONFIG configs/nope.json: file not found"),
+    ("sft_finetune.sh", {"HOSTFILE": "/no/hostfile"}, "HOSTFILE /no/hostfile: file not found"),
+    ("lora_finetune.sh", {"CONFIG": "configs/nope.yaml"}, "CONFIG configs/nope.yaml: file not found"),
+    ("sft_finetune.sh", {"CONFIG": "configs/nope.yaml"}, "CONFIG configs/nope.yaml: file not found"),
 ]
 
 
@@ -843,8 +849,10 @@ BAD_SETTINGS = [
 @pytest.mark.parametrize("script, env, message", BAD_SETTINGS,
                          ids=[f"{script.split('_')[0]}-{next(iter(env))}={next(iter(env.values()))}"
                               for script, env, _ in BAD_SETTINGS])
-def test_scripts_refuse_a_bad_setting_in_one_line(tmp_path, script, env, message):
-    result = run(["bash", script], env=dict(env, OUTPUT_DIR=str(tmp_path / "out")))
+def test_scripts_refuse_a_bad_setting_in_one_line(tmp_path, tiny_model, data_dir, script, env, message):
+    """Each setting is checked before anything starts; the others are good ones."""
+    base = {"MODEL_PATH": tiny_model, "DATA_DIR": str(data_dir), "OUTPUT_DIR": str(tmp_path / "out")}
+    result = run(["bash", script], env=dict(base, **env))
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: {message}"] and result.stdout == ""
     assert not os.path.exists(tmp_path / "out")
