@@ -105,14 +105,14 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="bench_data_")
     os.environ["HF_DATASETS_CACHE"] = os.path.join(work, "cache")  # fresh: time the work, not an old cache
     import datasets
-    from transformers import AutoTokenizer
 
     from minicpm_finetune.data import example_of, load_conversations, tokenize_dataset
     from minicpm_finetune.encoding import get_encoder
     from minicpm_finetune.templates import apply_template, resolve_chat_template
+    from minicpm_finetune.tokenizer import load_tokenizer
 
     tokenizer_path = args.tokenizer or tiny_tokenizer(os.path.join(work, "tokenizer"))
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     apply_template(tokenizer, resolve_chat_template(tokenizer, "minicpm", args.chat_template))
     data = os.path.join(work, "train.jsonl")
     write_conversations(data, args.samples, args.seed)

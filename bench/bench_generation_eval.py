@@ -30,14 +30,15 @@ SHAPES = {
 
 def load(args, workdir):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from minicpm_finetune.templates import apply_template, resolve_chat_template
     from minicpm_finetune.tiny import build_tokenizer, tiny_config
+    from minicpm_finetune.tokenizer import load_tokenizer
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.model:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = load_tokenizer(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
         apply_template(tokenizer, resolve_chat_template(tokenizer, model.config.model_type))
     else:

@@ -14,6 +14,10 @@ import warnings
 # Entry points import this package before torch, transformers or PEFT (finetune.py does it first of all), so
 # the level is set before bitsandbytes is imported and logs it.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# Where `kernels` is installed, bitsandbytes asks it for a hub kernel; offline (HF_HUB_OFFLINE=1) it says on
+# stderr that it skips the publisher check of a kernel already cached: the same noise.
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    lambda record: "Skipping publisher trust check" not in record.getMessage())
 # DeepSpeed (imported by transformers when a Trainer starts) says on stdout that it falls back to the CPU,
 # in the middle of the run's own output; a filter outlives the level DeepSpeed sets on its logger at import.
 logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())

@@ -725,9 +725,10 @@ def is_preference_file(path: str) -> bool:
 
 @command
 def main(argv=None) -> int:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from .templates import apply_template, resolve_chat_template
+    from .tokenizer import load_tokenizer
 
     parser = OneLineParser(prog="python -m minicpm_finetune.data",
                            description="Check a data file (SFT or DPO preference pairs) and preview its tokens and "
@@ -747,7 +748,9 @@ def main(argv=None) -> int:
         raise ArgumentError(f"--tokenizer {args.tokenizer}: no tokenizer files in this folder (tokenizer.json, "
                             "tokenizer.model or tokenizer_config.json)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
+    except FinetuneError:
+        raise
     except Exception as e:  # noqa: BLE001 - any load failure is reported in one line
         raise load_error(f"tokenizer {args.tokenizer}", e) from None
     try:  # the template training would use: the flag, the tokenizer's, else the model type's

@@ -92,14 +92,14 @@ def fold_into_llama(model):
 
 
 def _save_tokenizer(source: str, output_dir: str) -> None:
-    """The tokenizer files of ``source`` (a folder, or a hub id through the hub's cache) as they are, chat
-    template included: an output of finetune.py already holds the base's files and the template it was
-    trained with (portable.py), and a base's own template belongs to it."""
-    from .portable import copy_tokenizer, tokenizer_folder
+    """The tokenizer of ``source`` (a folder, or a hub id through the hub's cache) as an output carries it
+    (portable.py), its chat template included: an output of finetune.py already holds the template it was
+    trained with, and a base's own template belongs to it."""
+    from .portable import save_tokenizer
+    from .tokenizer import load_tokenizer, tokenizer_folder
 
-    folder = tokenizer_folder(source)
-    if folder is not None:
-        copy_tokenizer(folder, output_dir)
+    if tokenizer_folder(source) is not None:
+        save_tokenizer(load_tokenizer(source), output_dir)
 
 
 def _check_output_dir(output_dir: str) -> None:
@@ -186,7 +186,8 @@ def merge_adapter(adapter_dir: str, output_dir: str, dtype: str | None = None) -
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from .portable import has_tokenizer, ship_model_code
+    from .portable import ship_model_code
+    from .tokenizer import has_tokenizer
 
     adapter_config = _read_adapter_config(adapter_dir)
     named_in = f"named in {adapter_dir}/adapter_config.json"

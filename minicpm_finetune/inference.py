@@ -128,15 +128,16 @@ def resolve_model(model: str, adapter: str | None) -> tuple[str, str | None]:
 def load_tokenizer_and_config(args):
     """The tokenizer with its chat template, and the model's config: enough to check prompts before
     the weights are loaded."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     import minicpm_finetune  # noqa: F401 - registers the native MiniCPM model
     from minicpm_finetune.templates import apply_template, resolve_chat_template
+    from minicpm_finetune.tokenizer import load_tokenizer
 
     # An adapter folder from finetune.py carries the tokenizer and chat template it was trained with.
     has_own_tokenizer = args.adapter and os.path.isfile(os.path.join(args.adapter, "tokenizer_config.json"))
-    tokenizer = AutoTokenizer.from_pretrained(args.adapter if has_own_tokenizer else args.base,
-                                              trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(args.adapter if has_own_tokenizer else args.base,
+                               trust_remote_code=args.trust_remote_code)
     config = AutoConfig.from_pretrained(args.base, trust_remote_code=args.trust_remote_code)
     apply_template(tokenizer, resolve_chat_template(tokenizer, config.model_type, args.chat_template))
     return tokenizer, config

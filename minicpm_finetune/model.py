@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from .families import family_of
 from .templates import apply_template, resolve_chat_template
+from .tokenizer import load_tokenizer as load_tokenizer_files
 
 
 def load_tokenizer(model_args):
-    """The tokenizer with the chat template we train with (saved with every output)."""
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
-                                              trust_remote_code=model_args.trust_remote_code)
+    """The tokenizer (giving its SentencePiece model's ids: tokenizer.py) with the chat template we train with
+    (saved with every output)."""
+    tokenizer = load_tokenizer_files(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
     apply_template(tokenizer, resolve_chat_template(tokenizer, config.model_type, model_args.chat_template))
     tokenizer.padding_side = "right"  # training pads on the right; generation switches to left

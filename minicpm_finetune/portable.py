@@ -2,11 +2,12 @@
 ``PortableSaves``, merge, Llama export).
 
 - The tokenizer it was trained with: the base's own tokenizer files, copied byte for byte, plus the chat
-  template we trained with (``chat_template.jinja``). Re-saving a loaded tokenizer is not the same thing:
-  transformers 5 writes ``tokenizer.json`` without ``tokenizer.model`` and drops settings such as
-  MiniCPM-2B's ``legacy: true``, so the reloaded tokenizer puts a "▁" after every added token (Chinese
-  punctuation in MiniCPM's vocabulary) differently, and llama.cpp, which reads MiniCPM vocabularies from
-  ``tokenizer.model`` only, cannot convert the folder.
+  template we trained with (``chat_template.jinja``, and in ``tokenizer_config.json`` for older stacks).
+  Where loading had to fix the tokenizer to give its SentencePiece model's ids (MiniCPM-1/2 on
+  transformers 5: tokenizer.py), also the fixed ``tokenizer.json``, with ``PreTrainedTokenizerFast`` as
+  the class so that transformers 4.40 and 5 both load that file as it is. Re-saving a loaded tokenizer
+  with ``save_pretrained`` is not the same thing: it drops ``tokenizer.model``, which llama.cpp reads
+  MiniCPM vocabularies from, and writes ``add_prefix_space``, which sends transformers 4.40 back to it.
 - For a full or merged model of a family implemented here (families.py; MiniCPM-1/2/4, ``model_type:
   minicpm``): its own code, ``configuration_minicpm.py`` and ``modeling_minicpm.py`` (with ``loss.py``,
   which it imports), and an ``auto_map`` in ``config.json``, the layout of the official checkpoints, so
@@ -16,57 +17,15 @@
 
 from __future__ import annotations
 
-import fnmatch
-import functools
 import json
 import os
 import shutil
 
 from .cli import write_atomic
 from .families import family_of
+from .tokenizer import is_tokenizer_file, portable_settings, portable_tokenizer_json, tokenizer_folder
 
-# Files that make up a tokenizer. The first three mark a folder as holding one.
-TOKENIZER_FILES = (
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenization_*.py",  # a tokenizer's own code, named by its config's auto_map
-)
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-
-def is_tokenizer_file(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TOKENIZER_FILES)
-
-
-def has_tokenizer(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES[:3])
-
-
-def tokenizer_folder(name_or_path: str) -> str | None:
-    """The local folder holding the tokenizer files of a folder or hub id (from the hub cache, or
-    downloaded: only the tokenizer files); None when there is none."""
-    if not name_or_path:
-        return None
-    if os.path.isdir(name_or_path):
-        return name_or_path if has_tokenizer(name_or_path) else None
-    return _hub_tokenizer_folder(name_or_path)
-
-
-@functools.lru_cache(maxsize=None)  # asked at every checkpoint; one look-up per run
-def _hub_tokenizer_folder(repo_id: str) -> str | None:
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = snapshot_download(repo_id, allow_patterns=list(TOKENIZER_FILES))
-    except Exception:  # not a hub id, offline without a cached copy, ...: the caller saves what was loaded
-        return None
-    return folder if has_tokenizer(folder) else None
 
 
 def save_tokenizer(tokenizer, output_dir: str) -> None:
@@ -79,6 +38,11 @@ def save_tokenizer(tokenizer, output_dir: str) -> None:
         return
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     copy_tokenizer(source, output_dir, template, tokenizer.pad_token)
+    if getattr(tokenizer, "sentencepiece_aligned", False):
+        # The pipeline that gives the SentencePiece model's ids, in a file both transformers 4.40 and 5 load as is.
+        write_atomic(os.path.join(output_dir, "tokenizer.json"), portable_tokenizer_json(tokenizer))
+        _update_tokenizer_config(os.path.join(output_dir, "tokenizer_config.json"), None, None,
+                                 portable_settings(tokenizer))
 
 
 def copy_tokenizer(source: str, output_dir: str, chat_template: str | None = None, pad_token: str | None = None):
@@ -106,20 +70,21 @@ def copy_tokenizer(source: str, output_dir: str, chat_template: str | None = Non
             f.write(chat_template)
 
 
-def _update_tokenizer_config(path: str, chat_template: str | None, pad_token: str | None) -> None:
-    """The base's settings stay as they are; only its template gives way to ours (kept in its own file, one
-    source of truth) and the pad token we trained with is recorded (MiniCPM's tokenizer has none)."""
+def _update_tokenizer_config(path: str, chat_template: str | None, pad_token: str | None,
+                             settings: dict | None = None) -> None:
+    """The base's settings stay as they are, except: its template gives way to ours (here as well as in its own
+    file: transformers 4.40 reads it only here), the pad token we trained with is recorded (MiniCPM's tokenizer
+    has none), and ``settings`` replace theirs."""
     if not os.path.isfile(path):  # a tokenizer.json-only base: nothing to record it in
         return
     with open(path, encoding="utf-8") as f:
         config = json.load(f)
     if chat_template is not None:
-        config.pop("chat_template", None)
+        config["chat_template"] = chat_template
     if pad_token is not None and not config.get("pad_token"):
         config["pad_token"] = str(pad_token)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(config, f, ensure_ascii=False, indent=2)
-        f.write("\n")
+    config.update(settings or {})
+    write_atomic(path, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
 
 
 def ship_model_code(output_dir: str) -> None:

@@ -4,8 +4,9 @@
         [--pretrain_steps N]
 
 The model has MiniCPM's architecture and non-trivial muP scalings; the tokenizer is a byte-fallback
-SentencePiece BPE model loaded as transformers' LlamaTokenizer, as MiniCPM-2B's is, with the chat
-template saved in its config. The folder loads with ``--model_name_or_path DIR``.
+SentencePiece BPE model laid out as MiniCPM-2B's (``tokenizer.model``, ``legacy: true``, user-defined
+punctuation pieces), with the chat template saved in its config. The folder loads with
+``--model_name_or_path DIR``.
 
 A random model is a poor stand-in for a real one under LoRA: its embeddings and tied head stay frozen,
 and with hidden size 64 their logits are capped near std * dim_model_base (about 1.6 at the tests'
@@ -55,60 +56,61 @@ def _texts_from_file(path: str):
         yield from strings(obj)
 
 
-# MiniCPM-2B's vocabulary holds Chinese punctuation as user-defined pieces, which transformers turns into
-# added tokens: text after them is a new segment, where `legacy: true` prepends "▁" and `legacy: false` not.
-USER_DEFINED_PUNCTUATION = ["，", "。", "！", "？", "：", "；", "、"]
+# Pieces MiniCPM-2B's SentencePiece model holds as user-defined (1,086 there): always one piece, never merged.
+USER_DEFINED_PIECES = ["，", "。", "！", "？", "：", "；", "、", "\n", "\t", "<td>", "</td>", "<strong>", "</strong>",
+                       "<br/>"]
 # The template inside MiniCPM-2B's tokenizer_config.json, in substance: no system turn, nothing after a reply.
 MINICPM_2B_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}"
                        "{{ '<用户>' + message['content'].strip() + '<AI>' }}"
                        "{% else %}{{ message['content'].strip() }}{% endif %}{% endfor %}")
 
 
-def build_tokenizer(output_dir: str, texts: list[str], chat_template: str = "minicpm", vocab_size: int = 1024,
-                    sentencepiece_files: bool = False):
-    """Train a byte-fallback SentencePiece BPE on ``texts`` and save it as a LlamaTokenizer with a chat template.
+def build_tokenizer(output_dir: str, texts: list[str], chat_template: str = "minicpm", vocab_size: int = 1024):
+    """Train a byte-fallback SentencePiece BPE on ``texts`` and save it with a chat template; returns it
+    loaded.
 
-    sentencepiece_files: save it the way MiniCPM-2B ships its tokenizer instead of transformers' way:
-    ``tokenizer.model`` and a ``tokenizer_config.json`` with ``legacy: true`` and the template inside, with
-    Chinese punctuation as user-defined pieces (so the legacy setting changes the ids).
+    ``minicpm``: laid out as MiniCPM-2B ships its tokenizer: ``tokenizer.model`` (no dummy prefix, no
+    whitespace folding, Chinese punctuation, "\n", "\t" and HTML tags as user-defined pieces) and a
+    ``tokenizer_config.json`` with ``legacy: true`` and the template inside (ours, and a pad token, so that
+    tests can render with it); loaded as the toolkit loads every tokenizer (tokenizer.py). ``chatml``: as
+    MiniCPM3/4 ship theirs, a ``tokenizer.json`` with the ChatML markers as special tokens and the template.
     """
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
     from .templates import TEMPLATES, apply_template
+    from .tokenizer import load_tokenizer
 
-    markers = ["<用户>", "<AI>"] if chat_template == "minicpm" else ["system", "user", "assistant"]
+    minicpm_2b = chat_template == "minicpm"
+    markers = ["<用户>", "<AI>"] if minicpm_2b else ["system", "user", "assistant"]
     corpus = BASE_CORPUS + markers + list(texts)
     # Every character needs a piece (plus 256 byte pieces and 3 specials); give merges some room on top.
-    needed = len(set("".join(corpus))) + 256 + 3
+    needed = len(set("".join(corpus))) + 256 + 3 + len(USER_DEFINED_PIECES)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_writer=model, model_type="bpe",
         vocab_size=max(vocab_size, needed + 32), hard_vocab_limit=False, byte_fallback=True,
         character_coverage=1.0, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2,
-        user_defined_symbols=USER_DEFINED_PUNCTUATION if sentencepiece_files else [],
+        add_dummy_prefix=not minicpm_2b, user_defined_symbols=USER_DEFINED_PIECES if minicpm_2b else [],
     )
     settings = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                 "add_bos_token": True, "add_eos_token": False, "legacy": True}
-    if sentencepiece_files:
-        if chat_template != "minicpm":
-            raise ValueError("sentencepiece_files: MiniCPM-2B's layout has the minicpm template")
+    template = TEMPLATES[chat_template]
+    if minicpm_2b:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "tokenizer.model"), "wb") as f:
             f.write(model.getvalue())
         with open(os.path.join(output_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(dict(settings, chat_template=MINICPM_2B_TEMPLATE), f, ensure_ascii=False, indent=2)
-        return AutoTokenizer.from_pretrained(output_dir)
+            json.dump(dict(settings, chat_template=template.text, pad_token="<unk>"), f, ensure_ascii=False, indent=2)
+        return load_tokenizer(output_dir)
     with tempfile.TemporaryDirectory() as raw:
         with open(os.path.join(raw, "tokenizer.model"), "wb") as f:
             f.write(model.getvalue())
         with open(os.path.join(raw, "tokenizer_config.json"), "w") as f:
             json.dump(settings, f)
         tokenizer = AutoTokenizer.from_pretrained(raw)
-    template = TEMPLATES[chat_template]
-    if template.special_tokens:
-        tokenizer.add_special_tokens({"additional_special_tokens": list(template.special_tokens)})
+    tokenizer.add_special_tokens({"additional_special_tokens": list(template.special_tokens)})
     apply_template(tokenizer, template.text)
     tokenizer.save_pretrained(output_dir)
     return tokenizer

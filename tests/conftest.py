@@ -47,6 +47,28 @@ def conversation(question, answer, system=None):
     return {"messages": messages + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
+def mixed_text_corpus(synthetic: int = 800, seed: int = 0) -> list[str]:
+    """Over 1,000 lines to compare token ids on: every text of the bundled AdvertiseGen sample's dev and test
+    sets (Chinese with full-width punctuation), and generated lines mixing Chinese, English, digits, ASCII and
+    full-width punctuation, runs of spaces, newlines and tabs, HTML tags, MiniCPM-2B's role markers and emoji."""
+    import random
+
+    texts = []
+    for split in ("dev", "test"):
+        with open(os.path.join(ROOT, "data", "advertisegen_chat", f"{split}.jsonl"), encoding="utf-8") as f:
+            texts += [message["content"] for line in f for message in json.loads(line)["messages"]]
+    words = ["这款", "连衣裙", "显瘦", "文艺", "你好", "价格", "元", "简约", "设计", "Hello", "world", "MiniCPM",
+             "fine-tune", "LoRA", "2B", "299", "8.5", "2026", "0", "😀", "👍", "<用户>", "<AI>", "<td>", "</strong>",
+             "<br/>", "类型#裙*颜色#红色"]
+    marks = ["，", "。", "！", "？", "：", "；", "、", "「", "」", "（", "）", "……", "——", ",", ".", "!", "?", ":",
+             ";", " ", "  ", "\n", "\t", "\n\n"]
+    rng = random.Random(seed)
+    for _ in range(synthetic):
+        parts = [rng.choice(words if rng.random() < 0.6 else marks) for _ in range(rng.randint(1, 14))]
+        texts.append("".join(parts))
+    return texts
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     """train/dev/test JSONL in the conversation format (the train set repeats the QA pairs)."""

@@ -15,12 +15,13 @@ import pytest
 import torch
 from conftest import ROOT
 from torch._dynamo.utils import counters
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from minicpm_finetune.arguments import parse_args
 from minicpm_finetune.data import IGNORE_INDEX, load_conversations, tokenize_dataset
 from minicpm_finetune.model import load_model
 from minicpm_finetune.packing import PackingCollator, pack_dataset
+from minicpm_finetune.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.skipif(not shutil.which("g++") and not shutil.which("c++"),
                                 reason="torch inductor needs a C++ compiler on the CPU")
@@ -48,7 +49,7 @@ def compiled_model(tiny_model, data_dir, tmp_path, *extra):
 @pytest.fixture(scope="module")
 def samples(tiny_model, data_dir):
     """The four validation conversations, tokenized: 13-20 tokens, all different lengths."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
     tokenizer.padding_side = "right"
     dataset, _ = tokenize_dataset(load_conversations(str(data_dir / "dev.jsonl")), tokenizer, 512)
     return dataset, tokenizer
@@ -152,7 +153,7 @@ def test_finetune_with_compile_layers_saves_the_eager_adapter_layout(tmp_path, t
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in eager_saved.items()}
     assert not any("_orig_mod" in key for key in saved)
 
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "compiled")
+    tokenizer = load_tokenizer(tmp_path / "compiled")
     with torch.compiler.set_stance("force_eager"):
         expected = logits(trainer.model, tokenizer)
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "compiled")

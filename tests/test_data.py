@@ -4,7 +4,6 @@ import json
 
 import pytest
 from conftest import run, write_jsonl
-from transformers import AutoTokenizer
 
 from minicpm_finetune.data import (IGNORE_INDEX, DataError, check_file, encode, example_of,
                                    load_conversations, read_records, to_messages, tokenize_dataset)
@@ -12,6 +11,7 @@ from minicpm_finetune.encoding import ChatEncoder, TemplateError, _verification_
 from minicpm_finetune.formats import FORMATS
 from minicpm_finetune.prompts import prompt_ids as inference_prompt_ids
 from minicpm_finetune.templates import CHATML_TEMPLATE, MINICPM_TEMPLATE, TEMPLATES, apply_template, end_of_turn_token
+from minicpm_finetune.tokenizer import load_tokenizer
 
 MULTI_TURN = [
     {"role": "system", "content": "你是一个乐于助人的助手。"},
@@ -24,7 +24,7 @@ MULTI_TURN = [
 
 @pytest.fixture(scope="module", params=["minicpm", "chatml"])
 def tokenizer(request, tiny_model, tiny_chatml_model):
-    return AutoTokenizer.from_pretrained(tiny_model if request.param == "minicpm" else tiny_chatml_model)
+    return load_tokenizer(tiny_model if request.param == "minicpm" else tiny_chatml_model)
 
 
 def prompt_ids(tokenizer, messages, tools=None):
@@ -199,7 +199,7 @@ def test_a_template_that_cannot_render_tools_is_refused_before_training(tmp_path
 
 @pytest.mark.parametrize("template", sorted(TEMPLATES))
 def test_fast_path_equals_the_general_one_on_every_bundled_template(template, tiny_model, tiny_chatml_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_chatml_model if template == "chatml" else tiny_model)
+    tokenizer = load_tokenizer(tiny_chatml_model if template == "chatml" else tiny_model)
     apply_template(tokenizer, TEMPLATES[template].text)
     encoder = ChatEncoder(tokenizer)
     assert encoder.blocks is not None and encoder.can_protect
@@ -386,7 +386,7 @@ def test_tokenized_cache_key_is_data_tokenizer_template_and_length(tmp_path, tin
     write_jsonl(path, [{"messages": MULTI_TURN}])
 
     def tokenize(max_length=64, template=None):
-        tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+        tokenizer = load_tokenizer(tiny_model)
         if template:
             apply_template(tokenizer, template)
         calls.clear()
@@ -414,7 +414,7 @@ def test_preview_command_prints_counts_masks_and_dumps(tmp_path, tiny_model):
     assert "1 samples" in result.stdout and "0 truncated" in result.stdout
     assert "<用户>你好<AI>[[你好，有什么可以帮你的吗？</s>]]<用户>" in result.stdout
     rows = [json.loads(line) for line in dump.read_text().splitlines()]
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
     expected = encode(tokenizer, MULTI_TURN, end_of_turn_token(tokenizer), None)
     assert rows == [{"input_ids": expected["input_ids"], "labels": expected["labels"]}]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, free_port, run
+from minicpm_finetune.tokenizer import load_tokenizer
 
 pytestmark = [pytest.mark.slow,  # several processes training together
               pytest.mark.skipif(not __import__("shutil").which("deepspeed"),
@@ -21,9 +22,9 @@ TRAIN_ARGS = ["--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--l
 
 
 def logits(model_dir, tokenizer_dir=None, adapter=None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     if adapter:
         from peft import PeftModel
@@ -37,12 +38,11 @@ def logits(model_dir, tokenizer_dir=None, adapter=None):
 
 def assert_trained_model_saved(out, tiny_model):
     """The output folder loads as a causal LM whose logits moved, with the tokenizer and its chat template."""
-    from transformers import AutoTokenizer
 
     trained = logits(out)
     assert torch.isfinite(trained).all()
     assert (trained - logits(tiny_model)).abs().max() > 1e-3
-    saved, base = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(tiny_model)
+    saved, base = load_tokenizer(out), load_tokenizer(tiny_model)
     assert saved.chat_template == base.chat_template and "<用户>" in saved.chat_template
     messages = [{"role": "user", "content": "你好"}]
     assert saved.apply_chat_template(messages, add_generation_prompt=True) == \

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import QA, write_jsonl
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import finetune
 from minicpm_finetune.data import IGNORE_INDEX, DataError, FileCheck
@@ -15,6 +15,7 @@ from minicpm_finetune.prompts import prompt_ids
 from minicpm_finetune.preference import (PreferenceCollator, check_preference_file, check_preference_files,
                                          encode_pair, to_pair, tokenize_pairs)
 from minicpm_finetune.templates import end_of_turn_token
+from minicpm_finetune.tokenizer import load_tokenizer
 
 # A learnable preference set: each question prefers its own answer to the next question's.
 PAIRS = [(q, a, QA[(i + 1) % len(QA)][1]) for i, (q, a) in enumerate(QA)]
@@ -62,7 +63,7 @@ def test_trl_standard_strings_are_one_user_turn():
 
 @pytest.mark.parametrize("model_fixture", ["tiny_model", "tiny_chatml_model"])
 def test_only_the_final_reply_and_its_end_of_turn_are_scored(request, model_fixture):
-    tokenizer = AutoTokenizer.from_pretrained(request.getfixturevalue(model_fixture))
+    tokenizer = load_tokenizer(request.getfixturevalue(model_fixture))
     pair = to_pair({"messages": [{"role": "user", "content": QA[0][0]}, {"role": "assistant", "content": QA[0][1]},
                                  {"role": "user", "content": QA[1][0]}], "chosen": QA[1][1], "rejected": QA[2][1]},
                    "messages")
@@ -96,7 +97,7 @@ def test_only_the_final_reply_and_its_end_of_turn_are_scored(request, model_fixt
 
 
 def test_pairs_that_do_not_fit_are_dropped_not_cut(tiny_model, tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
     check = FileCheck("p", records=[(i + 1, to_pair(trl_record(*pair), "trl")) for i, pair in enumerate(PAIRS)])
     lengths = sorted(encode_pair(tokenizer, p, end_of_turn_token(tokenizer), None)["length"] for _, p in check.records)
     dataset, stats = tokenize_pairs(check, tokenizer, lengths[1])  # room for the two shortest only
@@ -237,7 +238,7 @@ def test_dpo_full_fine_tuning(tmp_path, tiny_model, preference_dir):
     policy, _, _ = sequence_logps(AutoModelForCausalLM.from_pretrained(out).eval(), batch)
     chosen, rejected = (policy - reference).chunk(2)
     assert (chosen > rejected).all(), (chosen, rejected)
-    assert AutoTokenizer.from_pretrained(out).chat_template == trainer.processing_class.chat_template
+    assert load_tokenizer(out).chat_template == trainer.processing_class.chat_template
 
 
 def test_trl_fused_head_scores_minicpm_scaled_logits(tiny_model):
@@ -247,7 +248,7 @@ def test_trl_fused_head_scores_minicpm_scaled_logits(tiny_model):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     assert model.config.logits_scaling == model.config.hidden_size / model.config.dim_model_base != 1
-    ids = AutoTokenizer.from_pretrained(tiny_model)(QA[0][1], return_tensors="pt")["input_ids"]
+    ids = load_tokenizer(tiny_model)(QA[0][1], return_tensors="pt")["input_ids"]
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": torch.ones_like(ids)}
     _, expected, _ = sequence_logps(model, batch)
     add_fused_lm_head(model)
@@ -281,7 +282,7 @@ def test_dpo_full_under_zero3_on_two_processes_through_the_script(tmp_path, tiny
     for rank in (0, 1):
         assert re.search(f"process {rank} of 2 .*: training finished at step 8", log), log[-3000:]
     assert_rewards_rose(out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer = load_tokenizer(out)
     rows = tokenize_pairs(check_preference_file(str(preference_dir / "dev.jsonl")), tokenizer, None)[0]
     batch = PreferenceCollator(tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])
     reference, _, _ = sequence_logps(AutoModelForCausalLM.from_pretrained(tiny_model).eval(), batch)

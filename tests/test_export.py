@@ -10,11 +10,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from conftest import VOCAB, random_ids, random_minicpm
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import minicpm_finetune  # noqa: F401  registers model_type "minicpm"
 from minicpm_finetune.export import main, merge_adapter
 from minicpm_finetune.modeling_minicpm import MiniCPMForCausalLM
+from minicpm_finetune.tokenizer import load_tokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHAT_TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' %}<用户>{{ m.content }}<AI>{% else %}{{ m.content }}"
@@ -79,7 +80,7 @@ def test_llama_export_cli_writes_equivalent_llama_folder(tmp_path, tied):
     assert type(llama) is LlamaForCausalLM
     with torch.no_grad():
         torch.testing.assert_close(llama(random_ids(2, 12)).logits, model(random_ids(2, 12)).logits, atol=1e-5, rtol=0)
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llama")
+    tokenizer = load_tokenizer(tmp_path / "llama")
     assert tokenizer.chat_template == CHAT_TEMPLATE
     assert only_children(tmp_path) == ["llama", "minicpm"]  # no temp folder left behind
 
@@ -104,7 +105,7 @@ def test_merge_cli_gives_base_plus_adapter_logits(adapter_dir, tmp_path):
         torch.testing.assert_close(merged(random_ids(2, 12)).logits, expected, atol=1e-5, rtol=0)
     assert os.path.exists(tmp_path / "merged" / "model.safetensors")
     # The tokenizer and chat template come from the adapter folder, which has one.
-    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == CHAT_TEMPLATE
+    assert load_tokenizer(tmp_path / "merged").chat_template == CHAT_TEMPLATE
     assert only_children(tmp_path) == ["adapter", "base", "merged"]
 
 
@@ -118,7 +119,7 @@ def test_merge_keeps_base_dtype_unless_told(adapter_dir, tmp_path):
     merge_adapter(str(adapter_dir), str(tmp_path / "merged_bf16"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_bf16", dtype="auto")
     assert merged.dtype == torch.bfloat16
-    assert AutoTokenizer.from_pretrained(tmp_path / "merged_bf16").chat_template == "{{ 'base template' }}"
+    assert load_tokenizer(tmp_path / "merged_bf16").chat_template == "{{ 'base template' }}"
 
     merge_adapter(str(adapter_dir), str(tmp_path / "merged_fp32"), dtype="float32")
     merged_fp32 = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_fp32", dtype="auto")

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 from conftest import SMALL, TINY_CONFIGS, VOCAB
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, MiniCPM3Config,
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, MiniCPM3Config,
                           MistralConfig, Qwen2Config)
 
 import finetune
@@ -20,6 +20,7 @@ from minicpm_finetune.portable import ship_model_code
 from minicpm_finetune.templates import (CHATML_TEMPLATE, MINICPM_TEMPLATE, TEMPLATES, apply_template,
                                         end_of_turn_token, resolve_chat_template)
 from minicpm_finetune.tiny import MINICPM_2B_TEMPLATE
+from minicpm_finetune.tokenizer import load_tokenizer
 
 # conftest's TINY_CONFIGS has a tiny config of every family in the table (test_every_family_has_a_tiny_config);
 # these are model types the table does not know.
@@ -57,7 +58,7 @@ def test_template_lora_targets_and_decoder_layers_fit_a_model_of_the_family(mode
     assert (family is UNKNOWN_FAMILY) == (model_type in UNKNOWN_CONFIGS)
     template, targets, chunked = EXPECTED[model_type]
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_chatml_model)
+    tokenizer = load_tokenizer(tiny_chatml_model)
     tokenizer.chat_template = None  # a tokenizer without a template: the family's
     assert resolve_chat_template(tokenizer, model_type) == template
 
@@ -106,7 +107,7 @@ def test_native_families_are_registered_from_the_table():
 
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_a_builtin_template_knows_its_end_of_turn_token(name, tiny_chatml_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_chatml_model)
+    tokenizer = load_tokenizer(tiny_chatml_model)
     apply_template(tokenizer, TEMPLATES[name].text)
     assert end_of_turn_token(tokenizer) == {"minicpm": "</s>", "chatml": "<|im_end|>"}[name]
 
@@ -127,7 +128,7 @@ REFUSES = "{{ raise_exception('only system-first conversations') }}"
     (REFUSES, "</s>"),
 ], ids=["chatml_like", "mentions_im_end", "nothing_after_reply", "cannot_render"])
 def test_another_template_ends_turns_with_the_special_token_after_a_reply(template, expected, tiny_chatml_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_chatml_model)
+    tokenizer = load_tokenizer(tiny_chatml_model)
     apply_template(tokenizer, template)
     assert end_of_turn_token(tokenizer) == expected
 
@@ -203,14 +204,14 @@ def test_a_run_trains_with_the_family_defaults_and_one_note(model_type, tmp_path
     and the run says once, at its start, what the family lacks (MiniCPM3: the chunked loss) or which defaults it
     took (an unknown type); the native MiniCPM says nothing."""
     template, targets, _ = EXPECTED[model_type]
-    tokenizer = AutoTokenizer.from_pretrained(tiny_chatml_model if template == CHATML_TEMPLATE else tiny_model)
+    tokenizer = load_tokenizer(tiny_chatml_model if template == CHATML_TEMPLATE else tiny_model)
     config = ALL_CONFIGS[model_type]()
     config.vocab_size, config.bos_token_id, config.eos_token_id = (len(tokenizer), tokenizer.bos_token_id,
                                                                    tokenizer.eos_token_id)
     folder = save_tiny(config, tmp_path / model_type)
     tokenizer.chat_template = None
     tokenizer.save_pretrained(folder)
-    assert AutoTokenizer.from_pretrained(folder).chat_template is None
+    assert load_tokenizer(folder).chat_template is None
     capsys.readouterr()
     output_dir = tmp_path / "out"
     trainer = finetune.main([

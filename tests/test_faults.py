@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import QA, ROOT, conversation, run, write_jsonl
+from minicpm_finetune.tokenizer import load_tokenizer
 
 GOOD = conversation(*QA[0])
 
@@ -164,9 +165,8 @@ def test_validation_overlap_is_counted(tmp_path):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tiny_model)
+    return load_tokenizer(tiny_model)
 
 
 def learned_text(tokenizer, ids, labels):
@@ -229,7 +229,7 @@ def test_samples_with_nothing_to_learn_are_skipped_and_counted(tokenizer):
 
     first_end = length(TWO_TURNS[:3]) - 1  # the first reply's eos
     limit = first_end + 1
-    long_reply = [{"role": "user", "content": QA[2][0]}, {"role": "assistant", "content": QA[2][1] * 4}]
+    long_reply = [{"role": "user", "content": QA[2][0]}, {"role": "assistant", "content": QA[2][1] * 12}]
     assert length(long_reply) > limit  # its only reply is cut: nothing left to learn
     conversations = datasets.Dataset.from_list([{"messages": TWO_TURNS}, {"messages": long_reply},
                                                 {"messages": TWO_TURNS[1:3]}])
@@ -342,12 +342,12 @@ def test_kill_and_resume_reaches_the_same_weights_and_losses(tmp_path, tiny_mode
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     """The fault comes from the model: the embeddings of '☃' are inf; the 5th sample (in order) has one."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from minicpm_finetune.tiny import build_tiny
 
     model_dir = build_tiny(str(tmp_path / "model"), [str(data_dir / "train.jsonl")], tie_word_embeddings=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     poison = set(tokenizer("☃", add_special_tokens=False).input_ids) - {tokenizer.convert_tokens_to_ids("▁")}
     records = [conversation(q, a) for q, a in QA] + [conversation("☃ " + QA[0][0], QA[0][1]),
                                                      conversation(*QA[1])]

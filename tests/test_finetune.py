@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 from conftest import QA, ROOT, run
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
+from minicpm_finetune.tokenizer import load_tokenizer
 
 import finetune
 
@@ -43,7 +44,7 @@ def test_training_learns_and_saved_output_loads_back(tmp_path, tiny_model, data_
     assert train_losses[-1] < (0.9 if mode == "lora" else 0.8) * train_losses[0], train_losses
     assert eval_losses[-1] < eval_losses[0], eval_losses
 
-    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    tokenizer = load_tokenizer(output_dir)
     assert tokenizer.chat_template == trainer.processing_class.chat_template
     expected = logits(trainer.model, tokenizer)
     if mode == "lora":
@@ -78,7 +79,7 @@ def test_batches_are_padded_to_their_longest_sample(tiny_model, data_dir):
 
     from minicpm_finetune.data import load_conversations, tokenize_dataset
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
     dataset, _ = tokenize_dataset(load_conversations(str(data_dir / "dev.jsonl")), tokenizer, 512)
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
     rows = [dataset[i] for i in range(len(dataset))]

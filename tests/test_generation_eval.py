@@ -6,11 +6,12 @@ import sys
 import pytest
 import torch
 from conftest import run
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from minicpm_finetune.data import IGNORE_INDEX
 from minicpm_finetune.generation import generate_replies, generation_kwargs
 from minicpm_finetune.prompts import eval_samples, stop_token_ids
+from minicpm_finetune.tokenizer import load_tokenizer
 
 METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 
@@ -37,7 +38,7 @@ def test_sampling_knobs_go_to_generate_only_when_sampling():
 
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
     # Larger random weights than the fixture's, so that each prompt gets its own greedy text and any
     # padding leaking into attention or positions would change the tokens.
     config = AutoConfig.from_pretrained(tiny_model)
@@ -61,7 +62,7 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_model):
 
 def test_generation_stops_at_end_of_turn(tiny_chatml_model):
     """A model taught to write text after its end-of-turn token (<|im_end|>, not eos) stops before that text."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_chatml_model)
+    tokenizer = load_tokenizer(tiny_chatml_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_chatml_model)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert im_end != tokenizer.eos_token_id and im_end in stop_token_ids(tokenizer)
@@ -102,7 +103,7 @@ def test_trainer_scores_the_samples_the_evaluation_prefix_names_in_one_log_entry
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             self.metrics.append(dict(metrics))
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     conversations = load_conversations(str(data_dir / "dev.jsonl"))
     dataset, _ = tokenize_dataset(conversations, tokenizer, 256)
@@ -203,7 +204,7 @@ def test_zero3_two_processes_match_single_process_generation(tiny_model, data_di
     rows = read_jsonl(out / "test_predictions.jsonl")
     assert len(rows) == 3
 
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer = load_tokenizer(out)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out)
     single = generate_replies(model, tokenizer, [row["input"] for row in rows], max_new_tokens=8, show_progress=False)
     assert [row["prediction"] for row in rows] == single

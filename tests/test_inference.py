@@ -9,10 +9,12 @@ import sys
 import pytest
 from conftest import QA, ROOT, run
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from minicpm_finetune.generation import generate_replies
 from minicpm_finetune.prompts import PromptTooLong, context_limit, fit_prompt, prompt_length
+from minicpm_finetune.portable import save_tokenizer
+from minicpm_finetune.tokenizer import load_tokenizer
 
 MAX_NEW = "10"
 
@@ -42,7 +44,7 @@ def base_model(tiny_model, tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("base") / "model"
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    save_tokenizer(load_tokenizer(tiny_model), folder)
     return str(folder)
 
 
@@ -54,7 +56,7 @@ def lora_adapter(base_model, data_dir, tmp_path_factory):
 
 def in_process(model_dir, prompts, adapter=None):
     """Greedy replies generated here, from the folder's own tokenizer (it carries the chat template)."""
-    tokenizer = AutoTokenizer.from_pretrained(adapter or model_dir)
+    tokenizer = load_tokenizer(adapter or model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     if adapter:
         from peft import PeftModel
@@ -71,7 +73,7 @@ def test_lora_adapter_and_merged_model_give_the_same_text(base_model, lora_adapt
     merged = tmp_path / "merged"
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), lora_adapter)
     model.merge_and_unload().save_pretrained(merged)
-    AutoTokenizer.from_pretrained(lora_adapter).save_pretrained(merged)
+    save_tokenizer(load_tokenizer(lora_adapter), merged)
 
     prompt = QA[1][0]
     replies = []
@@ -172,7 +174,7 @@ def assistant(text):
 
 @pytest.mark.parametrize("template", ["minicpm", "chatml"])
 def test_fit_prompt_drops_oldest_exchanges_and_keeps_the_system_turn(template, tiny_model, tiny_chatml_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model if template == "minicpm" else tiny_chatml_model)
+    tokenizer = load_tokenizer(tiny_model if template == "minicpm" else tiny_chatml_model)
     exchanges = [[user(q), assistant(a)] for q, a in QA[:3]]
     current = user(QA[3][0])
     conversation = [SYSTEM] + [m for pair in exchanges for m in pair] + [current]
@@ -198,7 +200,7 @@ def test_fit_prompt_drops_oldest_exchanges_and_keeps_the_system_turn(template, t
 
 
 def test_context_limit_is_the_model_positions_else_the_tokenizer_length(tiny_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
     config = AutoConfig.from_pretrained(tiny_model)
     assert tokenizer.model_max_length > 10**20  # transformers' "unset"
     assert context_limit(config, tokenizer) == config.max_position_embeddings == 2048
@@ -216,7 +218,7 @@ def test_streamed_pieces_join_to_the_returned_reply(template, tiny_model, tiny_c
     """Random weights emit byte tokens (<0xE4>), half characters and special tokens mid-reply: the pieces
     written while generating still join to exactly the returned, stripped reply."""
     folder = tiny_model if template == "minicpm" else tiny_chatml_model
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
     config = AutoConfig.from_pretrained(folder)
     config.initializer_range = 0.5
     torch.manual_seed(0)
@@ -238,7 +240,7 @@ def replies_in(stdout):
 
 @pytest.mark.slow
 def test_chat_drops_oldest_exchanges_refuses_a_message_too_long_and_streams_the_same_text(base_model):
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    tokenizer = load_tokenizer(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model).eval()
     new = int(MAX_NEW)
 
@@ -275,7 +277,7 @@ def test_chat_drops_oldest_exchanges_refuses_a_message_too_long_and_streams_the_
 
 @pytest.mark.slow
 def test_file_prompts_drop_oldest_exchanges_and_a_prompt_too_long_names_its_record(base_model, tmp_path):
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    tokenizer = load_tokenizer(base_model)
     new = int(MAX_NEW)
     (q1, r1), (q2, r2), (q3, r3) = QA[:3]
     long_chat = [SYSTEM, user(q1), assistant(r1), user(q2), assistant(r2), user(q3), assistant(r3)]
@@ -310,7 +312,7 @@ def test_file_prompts_drop_oldest_exchanges_and_a_prompt_too_long_names_its_reco
 @pytest.mark.slow
 def test_prompt_too_long_alone_is_refused_with_one_line(tiny_model):
     result = infer("--model_name_or_path", tiny_model, "--max_length", "30", "--prompt", LONG)
-    length = prompt_length(AutoTokenizer.from_pretrained(tiny_model), [user(LONG)])
+    length = prompt_length(load_tokenizer(tiny_model), [user(LONG)])
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (f"error: --prompt is {length} tokens with the chat template; with --max_new_tokens "
                              f"{MAX_NEW} it exceeds --max_length 30\n")

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import QA, conversation, write_jsonl
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from minicpm_finetune.data import IGNORE_INDEX, load_conversations, tokenize_dataset
 from minicpm_finetune.packing import PackingCollator, first_fit_decreasing, pack_dataset
+from minicpm_finetune.tokenizer import load_tokenizer
 
 SYSTEMS = [None, "你是一个有帮助的助手。", "Answer briefly."]
 
@@ -27,7 +28,7 @@ def raw_dataset(lengths, seed=0, vocab=200, all_learned=False):
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
     tokenizer.padding_side = "right"  # as model.load_tokenizer sets it for training
     return tokenizer
 

@@ -1,6 +1,7 @@
 """Outputs that work anywhere: every output (LoRA adapter, its checkpoints, full model, merged model, Llama
-export) keeps the tokenizer it was trained with, byte for byte and id for id, on a tokenizer laid out as
-MiniCPM-2B's (tokenizer.model + legacy: true); full and merged MiniCPM folders load without this package
+export, DPO) keeps the tokenizer it was trained with, byte for byte, and gives its SentencePiece model's ids
+in plain transformers 5 and in transformers 4.40, on a tokenizer laid out as MiniCPM-2B's (tokenizer.model +
+legacy: true); full and merged MiniCPM folders load without this package
 (trust_remote_code, the official layout) with the same logits; adapters name their base as an absolute
 path or a hub id, and merge and inference find a hub-id base in the hub's local cache, offline."""
 
@@ -12,41 +13,34 @@ import sys
 
 import pytest
 import torch
-from conftest import QA, ROOT, write_jsonl
+import sentencepiece as spm
+from conftest import QA, ROOT, mixed_text_corpus, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import finetune
 from minicpm_finetune.export import main as export_main
 from minicpm_finetune.families import FAMILIES
 from minicpm_finetune.templates import MINICPM_TEMPLATE
-from minicpm_finetune.tiny import MINICPM_2B_TEMPLATE, build_tokenizer, tiny_config
+from minicpm_finetune.tiny import MINICPM_2B_TEMPLATE, USER_DEFINED_PIECES, build_tokenizer, tiny_config
+from minicpm_finetune.tokenizer import PORTABLE_CLASS
 
-# AdvertiseGen-like text: Chinese punctuation (added tokens in MiniCPM's vocabulary) followed by text, with and
-# without spaces, plus English and digits.
-TEXTS = [
-    "类型#裙*颜色#红色*风格#文艺",
-    "这款连衣裙显瘦又文艺，适合夏天穿。",
-    "你好，世界！今天天气很好。",
-    "你好， 世界。 再见！ 好的？",
-    "简约的设计，搭配精致的印花；穿出优雅气质：时尚、百搭。",
-    "Hello, how can I help you today? 你好，有什么可以帮你的吗？",
-    "价格：199元，3件包邮！",
-    "<用户>推荐一条裙子<AI>这款连衣裙，显瘦又文艺。",
-]
-
-
-def ids(tokenizer):
-    return [tokenizer(text).input_ids for text in TEXTS]
+CORPUS = mixed_text_corpus()
 
 
 @pytest.fixture(scope="module")
 def legacy_base(tmp_path_factory, data_dir):
     """A tiny MiniCPM whose tokenizer is laid out as MiniCPM-2B's: tokenizer.model, legacy: true,
-    Chinese punctuation as user-defined pieces, MiniCPM-2B's own chat template inside tokenizer_config.json."""
+    Chinese punctuation as user-defined pieces, MiniCPM-2B's own chat template inside tokenizer_config.json
+    and no pad token."""
     folder = str(tmp_path_factory.mktemp("legacy") / "base")
     with open(data_dir / "train.jsonl", encoding="utf-8") as f:
         texts = [message["content"] for line in f for message in json.loads(line)["messages"]]
-    tokenizer = build_tokenizer(folder, texts, sentencepiece_files=True)
+    tokenizer = build_tokenizer(folder, texts)
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        settings = {key: value for key, value in json.load(f).items() if key != "pad_token"}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(dict(settings, chat_template=MINICPM_2B_TEMPLATE), f, ensure_ascii=False, indent=2)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(tiny_config(len(tokenizer))).save_pretrained(folder)
     return folder
@@ -83,22 +77,6 @@ def outputs(legacy_base, data_dir, tmp_path_factory):
         "checkpoint": work / "lora" / "checkpoint-2", "base": work / "base"}
 
 
-def test_the_legacy_setting_changes_ids_when_lost(legacy_base, tmp_path):
-    """Why this matters (and proof the tokenizer test below can fail): re-saving the loaded tokenizer, as
-    transformers 5 does, drops tokenizer.model and `legacy: true`, and the ids of the texts change."""
-    with open(os.path.join(legacy_base, "tokenizer_config.json"), encoding="utf-8") as f:
-        assert json.load(f)["legacy"] is True
-    base = AutoTokenizer.from_pretrained(legacy_base)
-    base.save_pretrained(tmp_path)
-    assert not os.path.exists(tmp_path / "tokenizer.model")
-    resaved = AutoTokenizer.from_pretrained(tmp_path)
-    changed = [text for text, a, b in zip(TEXTS, ids(base), ids(resaved)) if a != b]
-    assert len(changed) >= 5, changed
-    # legacy: true starts the segment after an added token ("，") with "▁", as if a space were there.
-    legacy, plain = base.tokenize("你好，有什么"), resaved.tokenize("你好，有什么")
-    assert legacy[legacy.index("，") + 1].startswith("▁") and not plain[plain.index("，") + 1].startswith("▁")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["lora", "checkpoint", "full", "merged", "llama", "dpo"])
 def test_every_output_keeps_the_tokenizer_it_was_trained_with(outputs, legacy_base, name):
@@ -109,14 +87,68 @@ def test_every_output_keeps_the_tokenizer_it_was_trained_with(outputs, legacy_ba
         assert f.read() == model_file
     with open(folder / "tokenizer_config.json", encoding="utf-8") as f:
         settings = json.load(f)
-    assert settings["legacy"] is True and settings["tokenizer_class"] == "LlamaTokenizer"
-    assert "chat_template" not in settings  # ours is in chat_template.jinja, not MiniCPM-2B's
-    assert not os.path.exists(folder / "tokenizer.json")  # nothing that would be read instead of tokenizer.model
+    # The fixed pipeline in tokenizer.json, under a class that loads it as it is (tokenizer.py).
+    assert settings["legacy"] is True and settings["tokenizer_class"] == PORTABLE_CLASS
+    assert settings["add_prefix_space"] is False and len(settings["added_tokens_decoder"]) > len(USER_DEFINED_PIECES)
+    assert settings["chat_template"] == MINICPM_TEMPLATE  # ours, also where transformers 4.40 reads it
 
-    reloaded = AutoTokenizer.from_pretrained(folder)
-    assert ids(reloaded) == ids(AutoTokenizer.from_pretrained(legacy_base))
+    reloaded = AutoTokenizer.from_pretrained(folder)  # plain transformers 5, nothing of this package
+    processor = spm.SentencePieceProcessor(model_file=os.path.join(legacy_base, "tokenizer.model"))
+    assert [reloaded(text, add_special_tokens=False).input_ids for text in CORPUS] == [
+        processor.encode(text) for text in CORPUS]
     assert reloaded.chat_template == MINICPM_TEMPLATE != MINICPM_2B_TEMPLATE  # the template we trained with
     assert reloaded.pad_token == "<unk>"  # the pad token we trained with
+
+
+@pytest.fixture(scope="module")
+def transformers_4_40():
+    """The python of a virtual environment holding transformers 4.40 (what OpenBMB's MiniCPM-2B code runs on),
+    made once and kept under ~/.cache; skipped, saying why, where it cannot be installed."""
+    folder = os.path.join(os.path.expanduser("~"), ".cache", "minicpm-finetune", "transformers-4.40")
+    python = os.path.join(folder, "bin", "python")
+    if not os.path.isfile(os.path.join(folder, "ready")):
+        shutil.rmtree(folder, ignore_errors=True)
+        steps = [[sys.executable, "-m", "venv", folder],
+                 [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "transformers==4.40.2",
+                  "tokenizers==0.19.1", "sentencepiece", "protobuf", "jinja2"]]
+        for step in steps:
+            result = subprocess.run(step, capture_output=True, text=True, timeout=900)
+            if result.returncode != 0:
+                pytest.skip(f"transformers 4.40 could not be installed here: {result.stderr.strip()[-300:]}")
+        open(os.path.join(folder, "ready"), "w").close()
+    return python
+
+
+# Run by transformers 4.40: each folder's ids for the corpus and its rendering of a conversation, as JSON.
+OLD_STACK_SCRIPT = """
+import json, sys
+from transformers import AutoTokenizer
+corpus, messages = json.loads(sys.stdin.read())
+out = {}
+for folder in sys.argv[1:]:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    out[folder] = {"ids": [tokenizer(text, add_special_tokens=False).input_ids for text in corpus],
+                   "bos": tokenizer("x").input_ids[0],
+                   "prompt": tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_every_output_gives_sentencepiece_ids_in_transformers_4_40(outputs, legacy_base, transformers_4_40):
+    folders = [str(outputs[name]) for name in ("lora", "checkpoint", "full", "merged", "llama", "dpo")]
+    messages = [{"role": "system", "content": "你是一个广告文案助手。"},
+                {"role": "user", "content": "推荐一条裙子，好吗？"}]
+    result = subprocess.run([transformers_4_40, "-c", OLD_STACK_SCRIPT, *folders],
+                            input=json.dumps([CORPUS, messages]), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    processor = spm.SentencePieceProcessor(model_file=os.path.join(legacy_base, "tokenizer.model"))
+    expected = [processor.encode(text) for text in CORPUS]
+    ours = AutoTokenizer.from_pretrained(folders[0])
+    prompt = ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    for folder, seen in json.loads(result.stdout).items():
+        assert seen["ids"] == expected, folder
+        assert seen["bos"] == processor.bos_id() and seen["prompt"] == prompt, folder
 
 
 @pytest.mark.slow
@@ -289,7 +321,9 @@ def test_copy_tokenizer_replaces_the_saved_one_and_records_template_and_pad_toke
     assert sorted(os.listdir(out)) == ["chat_template.jinja", "config.json", "tokenizer.model",
                                        "tokenizer_config.json"]
     assert (out / "tokenizer.model").read_bytes() == b"\x00sentencepiece\xff"
-    assert json.loads((out / "tokenizer_config.json").read_text()) == {"legacy": True, "pad_token": "<unk>"}
+    # The template also in tokenizer_config.json: transformers 4.40 reads it only there.
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"legacy": True, "chat_template": "ours",
+                                                                       "pad_token": "<unk>"}
     assert (out / "chat_template.jinja").read_text() == "ours"
     plain = tmp_path / "plain"
     copy_tokenizer(str(source), str(plain))  # no template or pad token given: the files as they are

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from minicpm_finetune.prompts import (Prompt, ReplyStreamer, decode_reply, eval_samples, fit_prompt, prompt_ids,
                                       stop_token_ids)
 from minicpm_finetune.templates import CHATML_TEMPLATE
+from minicpm_finetune.tokenizer import load_tokenizer
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 U, A = {"role": "user", "content": "今天天气怎么样"}, {"role": "assistant", "content": "今天天气很好"}
@@ -14,7 +14,7 @@ U, A = {"role": "user", "content": "今天天气怎么样"}, {"role": "assistant
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
-    return AutoTokenizer.from_pretrained(tiny_model)
+    return load_tokenizer(tiny_model)
 
 
 def ids(tokenizer, text):
@@ -29,7 +29,7 @@ def test_samples_of_a_conversation_with_tools_carry_them():
 
 
 def test_without_a_limit_the_prompt_comes_back_whole_with_its_tools(tiny_chatml_model):
-    chatml = AutoTokenizer.from_pretrained(tiny_chatml_model)
+    chatml = load_tokenizer(tiny_chatml_model)
     prompt = Prompt([U, A, U], TOOLS)
     fitted, dropped = fit_prompt(chatml, prompt, None, 8)
     assert (fitted, dropped, fitted.tools) == ([U, A, U], 0, TOOLS) and fitted is not prompt
@@ -40,7 +40,7 @@ def test_without_a_limit_the_prompt_comes_back_whole_with_its_tools(tiny_chatml_
 
 def test_stop_ids_are_the_end_of_turn_token_and_eos(tokenizer, tiny_chatml_model):
     assert stop_token_ids(tokenizer) == [tokenizer.eos_token_id]  # minicpm: the end of turn is eos
-    chatml = AutoTokenizer.from_pretrained(tiny_chatml_model)
+    chatml = load_tokenizer(tiny_chatml_model)
     im_end = chatml.convert_tokens_to_ids("<|im_end|>")
     assert stop_token_ids(chatml) == [im_end, chatml.eos_token_id] and im_end != chatml.unk_token_id
     # A template whose end-of-turn token the vocabulary lacks: unk must not stop generation.
@@ -49,14 +49,14 @@ def test_stop_ids_are_the_end_of_turn_token_and_eos(tokenizer, tiny_chatml_model
     try:
         assert stop_token_ids(tokenizer) == [tokenizer.eos_token_id]
     finally:
-        tokenizer.chat_template = AutoTokenizer.from_pretrained(tokenizer.name_or_path).chat_template
+        tokenizer.chat_template = load_tokenizer(tokenizer.name_or_path).chat_template
 
 
 def test_a_reply_is_cut_at_the_first_stop_token_without_special_tokens_and_stripped(tokenizer):
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     reply = ids(tokenizer, "你好 𠀀好")
     assert decode_reply(tokenizer, [bos] + reply + [eos] + ids(tokenizer, "多余的话") + [eos], [eos]) == "你好 𠀀好"
-    assert decode_reply(tokenizer, reply + ids(tokenizer, "多余的话"), [eos]) == "你好 𠀀好 多余的话"  # no stop: all
+    assert decode_reply(tokenizer, reply + ids(tokenizer, "多余的话"), [eos]) == "你好 𠀀好多余的话"  # no stop: all
     assert decode_reply(tokenizer, ids(tokenizer, " 你好！ "), [eos]) == "你好！"
 
 

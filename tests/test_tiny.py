@@ -4,16 +4,17 @@ import os
 
 import pytest
 from conftest import run
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from minicpm_finetune.templates import MINICPM_TEMPLATE
+from minicpm_finetune.tokenizer import load_tokenizer
 
 
 def test_tiny_model_is_a_native_minicpm_with_real_scalings(tiny_model):
     config = AutoConfig.from_pretrained(tiny_model)
     assert config.model_type == "minicpm" and config.architectures == ["MiniCPMForCausalLM"]
     assert config.scale_emb != 1 and config.dim_model_base != config.hidden_size and config.scale_depth != 1
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = load_tokenizer(tiny_model)
     assert tokenizer.chat_template == MINICPM_TEMPLATE and config.vocab_size == len(tokenizer)
     # Byte fallback: text the tokenizer never saw still round-trips.
     assert tokenizer.decode(tokenizer("龘 ☃", add_special_tokens=False)["input_ids"]) == "龘 ☃"
@@ -40,7 +41,7 @@ def test_pretrained_tiny_model_knows_its_texts_and_has_a_wider_logit_range(tmp_p
 
     pretrained = build_tiny(str(tmp_path / "pretrained"), [str(data_dir / "train.jsonl")], pretrain_steps=60)
     assert {k: getattr(AutoConfig.from_pretrained(pretrained), k) for k in PRETRAIN_CONFIG} == PRETRAIN_CONFIG
-    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    tokenizer = load_tokenizer(pretrained)
     batch = tokenizer([text + tokenizer.eos_token for text in ("你好，有什么可以帮你的吗？", "Two plus two is four.")],
                       return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -49,5 +50,5 @@ def test_pretrained_tiny_model_knows_its_texts_and_has_a_wider_logit_range(tmp_p
         with torch.no_grad():
             return AutoModelForCausalLM.from_pretrained(path)(**batch, labels=labels).loss.item()
 
-    assert AutoTokenizer.from_pretrained(tiny_model).get_vocab() == tokenizer.get_vocab()  # same tokenizer
+    assert load_tokenizer(tiny_model).get_vocab() == tokenizer.get_vocab()  # same tokenizer
     assert loss(pretrained) < 0.5 * loss(tiny_model)
