@@ -2,12 +2,12 @@
 
     python inference.py --model_name_or_path MODEL --prompt "你好"
 
-The code is minicpm_finetune/inference.py, which the installed package also runs as `minicpm-inference`.
+The code is minicpm_finetune/evaluation/inference.py, which the installed package also runs as `minicpm-inference`.
 """
 
 import sys
 
-from minicpm_finetune import inference
+from minicpm_finetune.evaluation import inference
 
 if __name__ == "__main__":
     sys.exit(inference.main())

@@ -107,9 +107,9 @@ def main(argv=None) -> int:
     import datasets
 
     from minicpm_finetune.data import example_of, load_conversations, tokenize_dataset
-    from minicpm_finetune.encoding import get_encoder
-    from minicpm_finetune.templates import apply_template, resolve_chat_template
-    from minicpm_finetune.tokenizer import load_tokenizer
+    from minicpm_finetune.data.encoding import get_encoder
+    from minicpm_finetune.data.templates import apply_template, resolve_chat_template
+    from minicpm_finetune.data.tokenizer import load_tokenizer
 
     tokenizer_path = args.tokenizer or tiny_tokenizer(os.path.join(work, "tokenizer"))
     tokenizer = load_tokenizer(tokenizer_path)

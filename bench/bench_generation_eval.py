@@ -32,9 +32,9 @@ def load(args, workdir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from minicpm_finetune.templates import apply_template, resolve_chat_template
+    from minicpm_finetune.data.templates import apply_template, resolve_chat_template
     from minicpm_finetune.tiny import build_tokenizer, tiny_config
-    from minicpm_finetune.tokenizer import load_tokenizer
+    from minicpm_finetune.data.tokenizer import load_tokenizer
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     if args.model:
@@ -69,8 +69,8 @@ def main() -> int:
 
     from minicpm_finetune.advertisegen import convert_record
     from minicpm_finetune.data import read_records
-    from minicpm_finetune.generation import generate_replies
-    from minicpm_finetune.prompts import eval_samples
+    from minicpm_finetune.evaluation.generation import generate_replies
+    from minicpm_finetune.evaluation.prompts import eval_samples
 
     records = [r for _, r in read_records(os.path.join(ROOT, "data", "advertisegen", "dev.jsonl"))]
     samples = eval_samples([convert_record(r) for r in records])

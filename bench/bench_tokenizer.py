@@ -5,7 +5,7 @@
 For every text of the data files (every string of every record; default: the bundled AdvertiseGen sample's
 train, dev and test sets) and the tests' mixed corpus, the ids of
 - plain: ``AutoTokenizer.from_pretrained(PATH)`` (what transformers 5 alone gives),
-- toolkit: ``minicpm_finetune.tokenizer.load_tokenizer(PATH)`` (what the toolkit trains, previews and infers with),
+- toolkit: ``minicpm_finetune.data.tokenizer.load_tokenizer(PATH)`` (what the toolkit trains, previews and infers with),
 - output: that tokenizer saved as every output saves it, reloaded with plain ``AutoTokenizer``,
 are compared with ``sentencepiece.SentencePieceProcessor(PATH/tokenizer.model).encode``; also the tokens
 per text (plain against SentencePiece) and the load time of each (the toolkit's includes its probe check).
@@ -59,9 +59,9 @@ def main(argv=None) -> int:
     from conftest import mixed_text_corpus
     from transformers import AutoTokenizer
 
-    from minicpm_finetune.portable import save_tokenizer
+    from minicpm_finetune.export.portable import save_tokenizer
     from minicpm_finetune.tiny import build_tokenizer
-    from minicpm_finetune.tokenizer import load_tokenizer
+    from minicpm_finetune.data.tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", default=None)

@@ -8,7 +8,7 @@ Training: one process, the real model classes (native MiniCPM, random weights) a
 torch.optim.AdamW (no Trainer, so that the time is the model's); every recipe gets a fresh model and
 the same samples (prompt 30-60 tokens, reply 60-120, random ids from a fixed seed). The seed recipe pads
 every sample to 512 and passes an attention mask; ours packs samples into rows of 512 with
-minicpm_finetune.packing (no mask, no padding) and uses the model's chunked loss (fused: gradients made in
+minicpm_finetune.data.packing (no mask, no padding) and uses the model's chunked loss (fused: gradients made in
 forward; chunked: checkpointed chunks, lm_head recomputed in backward), or full logits + cross-entropy for
 "full logits"; "compiled layers" torch.compiles each decoder layer (--compile_layers in finetune.py). The
 optimizer is fused AdamW, as transformers' Trainer uses by default. Warm-up steps (and compilation) are
@@ -47,8 +47,8 @@ import numpy as np
 import torch
 
 from minicpm_finetune.data import IGNORE_INDEX
-from minicpm_finetune.families import family_of
-from minicpm_finetune.packing import PackingCollator, pack_dataset
+from minicpm_finetune.models.families import family_of
+from minicpm_finetune.data.packing import PackingCollator, pack_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,7 +171,7 @@ def load_four_bit(folder: str, device: str, dtype: torch.dtype, attn: str):
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
-    from minicpm_finetune.model import qlora_kwargs
+    from minicpm_finetune.models.loading import qlora_kwargs
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn,
                                                  **qlora_kwargs(dtype, device))
@@ -326,7 +326,7 @@ def prepare_for_training(model, recipe: Recipe):
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=32, lora_dropout=0.1,
                                                  target_modules=["q_proj", "v_proj"]))
     if recipe.compiled:
-        from minicpm_finetune.model import compile_decoder_layers
+        from minicpm_finetune.models.loading import compile_decoder_layers
 
         compile_decoder_layers(model)
     model.train()

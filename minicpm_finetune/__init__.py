@@ -1,6 +1,20 @@
 """minicpm-finetune: fine-tune MiniCPM models with LoRA or full-parameter DeepSpeed training.
 
-Importing the package registers the native implementations of the model-family table (families.py;
+One folder per stage, imports pointing one way (``tests/test_layout.py`` checks it):
+
+- ``models/``: the model-family table, the native MiniCPM, loading (with LoRA / QLoRA);
+- ``data/``: sources, formats, checks, chat templates, tokenizers, encoding and masks, packing, preference
+  pairs, the data preview;
+- ``evaluation/``: prompts, generation, metrics, result files, curves, inference;
+- ``export/``: what every saved folder carries, merge and Llama export;
+- ``training/``: the pipeline ``finetune.py`` runs, its arguments and checks, the trainers, safety, outputs.
+
+Beside them: ``cli`` (what every command shares: errors, the one-line parser, atomic writes; it imports
+nothing of the package), the commands ``tiny`` and ``advertisegen``, and ``metrics`` and ``curves``, the old
+names of two evaluation modules (the README's ``minicpm_finetune.metrics.compute_metrics``, ``python -m
+minicpm_finetune.curves``).
+
+Importing the package registers the native implementations of the model-family table (models/families.py;
 MiniCPM-1/2/4, ``model_type: minicpm``) with transformers' Auto classes, so official checkpoints load
 without remote code.
 """
@@ -26,6 +40,6 @@ logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to 
 # LoRA run that the user can do nothing about (our own code uses the activation_checkpointing names).
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
-from .families import register_native_classes  # noqa: E402
+from .models.families import register_native_classes  # noqa: E402
 
 register_native_classes()

@@ -18,7 +18,7 @@ import os
 import sys
 
 from .cli import OneLineParser, command, write_atomic
-from .data import DataError
+from .data.sources import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -33,6 +33,10 @@ class ArgumentError(FinetuneError):
     """An impossible, missing or unreadable command-line argument."""
 
 
+class OutputDirError(FinetuneError):
+    """The output folder cannot take this run; the message says why and what to do."""
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors raise ArgumentError (one line) instead of printing the whole usage."""
 
@@ -146,3 +150,29 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _existing_ancestor(path: str) -> str:
+    """The nearest folder that exists at or above ``path``."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_output_path(path: str, flag: str = "--output_dir", folder: bool = True) -> None:
+    """OutputDirError unless ``path`` is a folder (``folder``) or a file, or can be made as one, in a place
+    this process can write in; ``flag`` names it in the message. Checked before anything is generated."""
+    flag = f"{flag} {path}"
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise OutputDirError(f"{flag} is a file, not a folder")
+    if not folder and os.path.isdir(path):
+        raise OutputDirError(f"{flag} is a folder, not a file")
+    existing = _existing_ancestor(path if folder else os.path.dirname(os.path.abspath(path)))
+    if not os.path.isdir(existing):
+        raise OutputDirError(f"{flag}: {existing} is a file, not a folder")
+    try:  # a real write (access() says yes to root on a read-only file system); the file leaves no trace
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise OutputDirError(f"{flag}: cannot write in {existing} ({e.strerror})") from None

@@ -38,7 +38,7 @@ BASE_CORPUS = [
 
 def _texts_from_file(path: str):
     """Every string value in a JSON / JSON Lines data file, whatever its format."""
-    from .data import DataError, read_records, record_is_unreadable
+    from .data.sources import DataError, read_records, record_is_unreadable
 
     def strings(obj):
         if isinstance(obj, str):
@@ -78,8 +78,8 @@ def build_tokenizer(output_dir: str, texts: list[str], chat_template: str = "min
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from .templates import TEMPLATES, apply_template
-    from .tokenizer import load_tokenizer
+    from .data.templates import TEMPLATES, apply_template
+    from .data.tokenizer import load_tokenizer
 
     minicpm_2b = chat_template == "minicpm"
     markers = ["<用户>", "<AI>"] if minicpm_2b else ["system", "user", "assistant"]
@@ -118,7 +118,7 @@ def build_tokenizer(output_dir: str, texts: list[str], chat_template: str = "min
 
 def tiny_config(vocab_size: int, bos_token_id: int = 1, eos_token_id: int = 2, **overrides):
     """A small MiniCPM config with MiniCPM-2B's structure and non-trivial scalings."""
-    from .configuration_minicpm import MiniCPMConfig
+    from .models.configuration_minicpm import MiniCPMConfig
 
     settings = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,

@@ -112,7 +112,7 @@ def random_minicpm(tied=True, seed=0, **overrides):
     """A random native MiniCPM (the package's tiny config: 3 layers, VOCAB words) in eval mode."""
     import torch
 
-    from minicpm_finetune.modeling_minicpm import MiniCPMForCausalLM
+    from minicpm_finetune.models.modeling_minicpm import MiniCPMForCausalLM
 
     settings = dict(intermediate_size=128, num_hidden_layers=3, max_position_embeddings=256, pad_token_id=0,
                     tie_word_embeddings=tied)

@@ -16,10 +16,10 @@ from minicpm_finetune.cli import ArgumentError, FinetuneError, atomic_path, comm
 def test_the_project_errors_share_one_base():
     from minicpm_finetune.advertisegen import AdvertiseGenDataError
     from minicpm_finetune.data import DataError
-    from minicpm_finetune.encoding import TemplateError
+    from minicpm_finetune.data.encoding import TemplateError
     from minicpm_finetune.export import ExportError
-    from minicpm_finetune.outputs import OutputDirError
-    from minicpm_finetune.safety import NonFiniteLossError
+    from minicpm_finetune.cli import OutputDirError
+    from minicpm_finetune.training.safety import NonFiniteLossError
 
     for error in (ArgumentError, DataError, TemplateError, ExportError, OutputDirError, NonFiniteLossError,
                   AdvertiseGenDataError):
@@ -132,7 +132,7 @@ def bad_inputs(tmp_path):
                   "--pretrain_steps", "0"], f"error: {bad_data}:1: malformed JSON"),
         "export": (["minicpm_finetune.export", "llama", "--model", missing, "--output_dir", str(tmp_path / "o")],
                    f"error: model folder not found: {missing}"),
-        "inference": (["minicpm_finetune.inference", "--model_name_or_path", missing],
+        "inference": (["minicpm_finetune.evaluation.inference", "--model_name_or_path", missing],
                       f"error: --model_name_or_path {missing}: folder not found"),
         "data": (["minicpm_finetune.data", "--tokenizer", str(tmp_path), "--data", bad_data],
                  f"error: --tokenizer {tmp_path}: no tokenizer files"),
@@ -154,7 +154,7 @@ def test_every_command_reports_bad_input_in_one_line_with_status_2(name, tmp_pat
 
 
 def test_finetune_main_keeps_a_bugs_traceback(tiny_model, data_dir, tmp_path, monkeypatch):
-    from minicpm_finetune import finetune
+    from minicpm_finetune.training import finetune
 
     argv = ["--model_name_or_path", tiny_model, "--train_data_path", str(data_dir / "train.jsonl"),
             "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out"), "--use_cpu",
@@ -169,7 +169,7 @@ def test_finetune_main_keeps_a_bugs_traceback(tiny_model, data_dir, tmp_path, mo
 
 
 def test_parse_args_only_parses_and_checks(tiny_model, data_dir, tmp_path, capsys):
-    from minicpm_finetune.arguments import ModelArguments, parse_args
+    from minicpm_finetune.training.arguments import ModelArguments, parse_args
 
     out = tmp_path / "out"
     argv = ["--model_name_or_path", tiny_model, "--train_data_path", str(data_dir / "train.jsonl"),
@@ -184,7 +184,7 @@ def test_parse_args_only_parses_and_checks(tiny_model, data_dir, tmp_path, capsy
 
 
 def test_finetune_main_resolves_resume_before_anything_loads(tiny_model, data_dir, tmp_path, capsys, monkeypatch):
-    from minicpm_finetune import finetune
+    from minicpm_finetune.training import finetune
 
     monkeypatch.setattr(finetune, "load_tokenizer_of", lambda *_: pytest.fail("loaded before the resume check"))
     argv = ["--model_name_or_path", tiny_model, "--train_data_path", str(data_dir / "train.jsonl"),
@@ -197,10 +197,10 @@ def test_finetune_main_resolves_resume_before_anything_loads(tiny_model, data_di
 
 
 def test_bad_chat_template_is_one_line_in_every_command(tiny_model, data_dir, tmp_path, capsys):
-    from minicpm_finetune import finetune, inference
     from minicpm_finetune import data as data_command
-
-    from minicpm_finetune.templates import TEMPLATES
+    from minicpm_finetune.data.templates import TEMPLATES
+    from minicpm_finetune.evaluation import inference
+    from minicpm_finetune.training import finetune
 
     expected = f"error: --chat_template 'nonesuch' is neither one of {sorted(TEMPLATES)} nor a file\n"
     commands = [

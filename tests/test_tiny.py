@@ -6,8 +6,8 @@ import pytest
 from conftest import run
 from transformers import AutoConfig
 
-from minicpm_finetune.templates import MINICPM_TEMPLATE
-from minicpm_finetune.tokenizer import load_tokenizer
+from minicpm_finetune.data.templates import MINICPM_TEMPLATE
+from minicpm_finetune.data.tokenizer import load_tokenizer
 
 
 def test_tiny_model_is_a_native_minicpm_with_real_scalings(tiny_model):

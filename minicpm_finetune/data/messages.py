@@ -1,0 +1,135 @@
+"""Normalised messages: the checks every conversation passes, whatever format it came in.
+
+A normalised conversation is a list of messages in the OpenAI style: roles ``system`` (first only),
+``user``, ``assistant`` (``content`` and/or ``tool_calls``) and ``tool`` (a tool's result), in an order a
+chat can have (``check_messages``); tool lists and calls are normalised to ``{"type": "function",
+"function": {...}}``. Each problem is a ValueError naming it (the caller adds file and record).
+"""
+
+from __future__ import annotations
+
+import json
+
+ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+_PLAIN_ROLES = ("system", "user", "assistant")
+
+
+def _json_value(value, what: str):
+    """Tool lists and call arguments may come as JSON text (ShareGPT stores them so)."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what} is a string but not JSON ({e.msg})") from None
+    return value
+
+
+def normalise_tools(tools) -> list | None:
+    tools = _json_value(tools, '"tools"')
+    if tools in (None, [], ""):
+        return None
+    if not isinstance(tools, list):
+        raise ValueError(f'"tools" must be a list of function schemas, got {type(tools).__name__}')
+    out = []
+    for i, tool in enumerate(tools, 1):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f'tool {i}: expected {{"type": "function", "function": {{"name": ..., ...}}}}')
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def normalise_tool_calls(calls, where: str) -> list:
+    calls = _json_value(calls, f"{where}: tool call")
+    if isinstance(calls, dict):
+        calls = [calls]
+    if not isinstance(calls, list) or not calls:
+        raise ValueError(f'{where}: "tool_calls" must be a non-empty list')
+    out = []
+    for call in calls:
+        function = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f'{where}: a tool call needs a "name" (and "arguments")')
+        arguments = _json_value(function.get("arguments", {}), f"{where}: tool call arguments")
+        if arguments is None:
+            arguments = {}
+        if not isinstance(arguments, dict):
+            raise ValueError(f"{where}: tool call arguments must be an object")
+        out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
+    return out
+
+
+def check_messages(messages: list) -> list[dict]:
+    """Normalised messages, or ValueError. Optional system first; a user turn, then assistant replies,
+    where an assistant tool call is followed by one or more tool results and then an assistant turn;
+    the conversation ends with an assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("the conversation must be a non-empty list of messages")
+    out, previous = [], None
+    for i, message in enumerate(messages):
+        expected = _allowed_after(previous)
+        # The common case first (a role and a non-empty text): only the order is left to check.
+        if _is_plain_text(message) and message["role"] in expected:
+            previous = {"role": message["role"], "content": message["content"]}
+            out.append(previous)
+            continue
+        where = f"message {i + 1}"
+        normal = _checked_message(message, where)
+        if normal["role"] not in expected:
+            raise ValueError(f"{where}: role {normal['role']!r} out of order "
+                             f"(expected {' or '.join(map(repr, expected))})")
+        previous = normal
+        out.append(normal)
+    if out[-1]["role"] != "assistant":
+        raise ValueError("conversation does not end with an assistant reply")
+    return out
+
+
+def _is_plain_text(message) -> bool:
+    """A message with only a role that takes plain text and a non-empty text."""
+    return (type(message) is dict and len(message) == 2 and message.get("role") in _PLAIN_ROLES
+            and type(message.get("content")) is str and bool(message["content"].strip()))
+
+
+def _checked_message(message, where: str) -> dict:
+    """One message normalised (its place in the conversation is checked by the caller), or ValueError."""
+    if not isinstance(message, dict):
+        raise ValueError(f"{where} is not an object")
+    unused = [k for k, v in message.items() if k not in MESSAGE_KEYS and v is not None]
+    if unused:
+        raise ValueError(f'{where}: key "{unused[0]}" is not used, its text would be lost')
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLES:
+        raise ValueError(f"{where}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    normal = {"role": role}
+    calls = message.get("tool_calls")
+    if calls is not None and role != "assistant":
+        raise ValueError(f'{where}: only assistant messages make "tool_calls"')
+    if calls:
+        normal["tool_calls"] = normalise_tool_calls(calls, where)
+        content = "" if content is None else content
+    if not isinstance(content, str):
+        raise ValueError(f'{where}: "content" must be a string')
+    if not content.strip() and not calls and role != "tool":
+        raise ValueError(f"{where}: empty {'reply' if role == 'assistant' else role + ' text'}")
+    normal["content"] = content
+    for key in ("tool_call_id", "name"):
+        if message.get(key) is not None:
+            if not isinstance(message[key], str):
+                raise ValueError(f'{where}: "{key}" must be a string')
+            normal[key] = message[key]
+    return normal
+
+
+def _allowed_after(previous: dict | None) -> tuple:
+    if previous is None:
+        return ("system", "user")
+    role = previous["role"]
+    if role == "system":
+        return ("user",)
+    if role == "user":
+        return ("assistant",)
+    if role == "assistant":
+        return ("tool",) if previous.get("tool_calls") else ("user",)
+    return ("tool", "assistant")  # after a tool result: more results or the assistant's turn

@@ -1,0 +1,209 @@
+"""Rendering a conversation with the chat template, and finding in the text what is learned.
+
+The general path renders the conversation and every prefix through Jinja (with
+``add_generation_prompt=True`` before each assistant turn) to find where each reply starts and ends.
+The fast path, taken where the template allows it, builds the text from per-role pieces found once by
+rendering probe conversations (``TemplateBlocks``): no Jinja per sample. It is used only when it gives
+the general path's text and spans on every probe (checked when the renderer is built; the tests prove it
+on every bundled template); conversations with tools always take the general path.
+
+A reply is learned from the end of the generation prompt up to and including the end-of-turn token after
+it (``templates.end_of_turn_token``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..cli import FinetuneError
+from .templates import end_of_turn_token
+
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")
+
+
+class TemplateError(FinetuneError):
+    """The chat template cannot render what the data needs (e.g. tool calls)."""
+
+
+@dataclass
+class Rendered:
+    text: str
+    replies: list  # (begin, end) character spans that are learned
+    contents: list  # (begin, end) character spans of message content (tokenized as text)
+
+
+@dataclass
+class TemplateBlocks:
+    """A template that renders a conversation as start + content + glue + content + ... + end."""
+
+    start: dict  # first role -> text before its content
+    glue: dict  # (role, next role) -> text between their contents
+    end: dict  # last role -> text after its content (no generation prompt)
+    generation_prompt: str
+
+
+def _probe_messages(roles, contents):
+    return [{"role": r, "content": c} for r, c in zip(roles, contents)]
+
+
+class ChatRenderer:
+    """Renders conversations with a tokenizer's chat template (probed once, when built)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.template = tokenizer.chat_template
+        self.end_of_turn = end_of_turn_token(tokenizer)
+        self.blocks = self._probe_blocks()
+        self.renders_tools = self._probe_tools()
+
+    def _jinja(self, messages, tools=None, generation_prompt=False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                  add_generation_prompt=generation_prompt)
+
+    def render(self, messages: list[dict], tools=None, generation_prompt: bool = False) -> Rendered:
+        """The text, the learned spans (none for a prompt) and the content spans of a conversation."""
+        # Normalised messages hold role and content, plus tool_calls/tool_call_id/name when they use tools.
+        plain = not tools and all(len(m) == 2 and m["role"] != "tool" for m in messages)
+        if plain and self.blocks is not None and messages:
+            try:
+                return self._render_blocks(messages, generation_prompt)
+            except KeyError:  # a shape the probes did not cover (e.g. two user turns in a row)
+                pass
+        return self._render_general(messages, tools, generation_prompt)
+
+    def _render_blocks(self, messages, generation_prompt) -> Rendered:
+        blocks, parts, contents, pos = self.blocks, [], [], 0
+        previous = None
+        for message in messages:
+            piece = blocks.start[message["role"]] if previous is None else blocks.glue[(previous, message["role"])]
+            pos += len(piece)
+            parts += [piece, message["content"]]
+            contents.append((pos, pos + len(message["content"])))
+            pos += len(message["content"])
+            previous = message["role"]
+        parts.append(blocks.end[previous])
+        if generation_prompt:
+            parts.append(blocks.generation_prompt)
+        text = "".join(parts)
+        replies = []
+        if not generation_prompt:
+            for message, (begin, end) in zip(messages, contents):
+                if message["role"] == "assistant":
+                    through = end + len(blocks.end["assistant"])
+                    eot = text.rfind(self.end_of_turn, begin, through) if self.end_of_turn else -1
+                    replies.append((begin, eot + len(self.end_of_turn) if eot >= 0 else through))
+        return Rendered(text, replies, contents)
+
+    def _render_general(self, messages, tools, generation_prompt) -> Rendered:
+        text = self._jinja(messages, tools, generation_prompt)
+        bounds, replies = [0], []
+        for i, message in enumerate(messages):
+            through = self._jinja(messages[: i + 1], tools)
+            if message["role"] == "assistant" and not generation_prompt:
+                prompt = self._jinja(messages[:i], tools, generation_prompt=True)
+                if not (text.startswith(prompt) and text.startswith(through)):
+                    raise TemplateError("the chat template does not render a conversation as the sum of its "
+                                        "prefixes; replies cannot be located (use --chat_template minicpm or chatml)")
+                eot = through.rfind(self.end_of_turn, len(prompt)) if self.end_of_turn else -1
+                replies.append((len(prompt), eot + len(self.end_of_turn) if eot >= 0 else len(through)))
+            bounds.append(len(through) if text.startswith(through) else bounds[-1])
+        return Rendered(text, replies, self._content_spans(messages, tools, generation_prompt, text, bounds))
+
+    def _content_spans(self, messages, tools, generation_prompt, text, bounds) -> list:
+        """Where each message's content lies in ``text``: render once with numbered sentinels in place of the
+        contents; if putting the contents back gives ``text``, the positions are exact."""
+        marked = [dict(m, content=f"\ue000{i}\ue001") if m["content"] else m for i, m in enumerate(messages)]
+        try:
+            pieces = _SENTINEL.split(self._jinja(marked, tools, generation_prompt))
+        except Exception:  # noqa: BLE001
+            pieces = [text]
+        spans, out, pos = [], [], 0
+        for k, piece in enumerate(pieces):
+            if k % 2 == 0:
+                out.append(piece)
+                pos += len(piece)
+            else:
+                content = messages[int(piece)]["content"]
+                spans.append((pos, pos + len(content)))
+                out.append(content)
+                pos += len(content)
+        if "".join(out) == text:
+            return spans
+        # The template changes content (e.g. strips it): look for each content within its message's part.
+        spans = []
+        for message, begin, end in zip(messages, bounds, bounds[1:]):
+            at = text.rfind(message["content"], begin, end) if message["content"] else -1
+            if at >= 0:
+                spans.append((at, at + len(message["content"])))
+        return spans
+
+    def _probe_blocks(self) -> TemplateBlocks | None:
+        """Per-role pieces of the template, or None when it is not a sum of per-message blocks."""
+        sentinels = [f"\ue000{i}\ue001" for i in range(5)]
+        roles = ["system", "user", "assistant", "user", "assistant"]
+
+        def pieces(text, first, count):
+            found = [int(m.group(1)) for m in _SENTINEL.finditer(text)]
+            if found != list(range(first, first + count)):
+                raise ValueError("content not rendered verbatim")
+            return _SENTINEL.split(text)[::2]
+
+        try:
+            a = pieces(self._jinja(_probe_messages(roles, sentinels)), 0, 5)
+            b = pieces(self._jinja(_probe_messages(roles[1:], sentinels[1:])), 1, 4)
+            user_only = self._jinja(_probe_messages(["user"], sentinels[1:2]))
+            u = pieces(user_only, 1, 1)
+            with_prompt = self._jinja(_probe_messages(["user"], sentinels[1:2]), generation_prompt=True)
+        except Exception:  # noqa: BLE001 - any template failure means: use the general path
+            return None
+        if not with_prompt.startswith(user_only):
+            return None
+        blocks = TemplateBlocks(start={"system": a[0], "user": b[0]},
+                                glue={("system", "user"): a[1], ("user", "assistant"): a[2],
+                                      ("assistant", "user"): a[3]},
+                                end={"assistant": a[5], "user": u[1]},
+                                generation_prompt=with_prompt[len(user_only):])
+        consistent = (a[4] == a[2] and b[1:] == [a[2], a[3], a[2], a[5]] and u[0] == b[0]
+                      and a[2] == u[1] + blocks.generation_prompt and a[3].startswith(a[5]))
+        if not consistent:
+            return None
+        # The fast path must give the general path's text and spans on real-looking conversations.
+        saved, self.blocks = getattr(self, "blocks", None), blocks
+        try:
+            for messages, prompt in _verification_conversations():
+                if self._render_blocks(messages, prompt) != self._render_general(messages, None, prompt):
+                    return None
+        except Exception:  # noqa: BLE001
+            return None
+        finally:
+            self.blocks = saved
+        return blocks
+
+    def _probe_tools(self) -> bool:
+        """Whether the template renders a tool list, a tool call and a tool result."""
+        tools = [{"type": "function", "function": {"name": "probe_function_x", "description": "d",
+                                                   "parameters": {"type": "object", "properties": {}}}}]
+        messages = [{"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "", "tool_calls": [
+                        {"type": "function", "function": {"name": "probe_call_y", "arguments": {"probe_arg_z": 1}}}]},
+                    {"role": "tool", "content": "probe_result_w"},
+                    {"role": "assistant", "content": "a"}]
+        try:
+            text = self._jinja(messages, tools)
+        except Exception:  # noqa: BLE001
+            return False
+        return all(s in text for s in ("probe_function_x", "probe_call_y", "probe_arg_z", "probe_result_w"))
+
+
+def _verification_conversations():
+    """Conversations on which the fast path must equal the general one: shapes and awkward content."""
+    texts = ["你好", " leading and trailing space ", "line one\nline two", "a", "Two plus two is four.",
+             "类型#裙*版型#显瘦", "\n", "x y  z"]
+    shapes = [["user", "assistant"], ["system", "user", "assistant"], ["user", "assistant", "user", "assistant"],
+              ["system", "user", "assistant", "user", "assistant", "user", "assistant"]]
+    for k, roles in enumerate(shapes):
+        contents = [texts[(k + i) % len(texts)] for i in range(len(roles))]
+        messages = _probe_messages(roles, contents)
+        yield messages, False
+        yield messages[:-1], True
