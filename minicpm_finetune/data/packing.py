@@ -15,7 +15,7 @@ the samples' tokens back to back, with
   guarantees that no label ever crosses a sample boundary.)
 
 The loss over a batch of packed rows is the mean over the same learned tokens as without packing,
-so it equals the padded loss for the same samples (tests/test_packing.py checks loss and gradients).
+so it equals the padded loss for the same samples (tests/data/test_packing.py checks loss and gradients).
 
 Keep rows short under SDPA/eager: the block mask is dense per row (row_length^2), so a 16k-token row
 was 3-4x slower than rows of 512 (measured on an H200, MiniCPM-2B shape). ``model_max_length`` 512-2048

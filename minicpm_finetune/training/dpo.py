@@ -13,7 +13,7 @@ model itself with the adapter disabled: no second copy) and the reward metrics. 
 
 Checked with TRL 1.16, transformers 5.24 and PEFT 0.21. TRL scores replies with its own fused LM head, which
 finds a model's logit scale only under certain config names; MiniCPM's is exposed as
-``MiniCPMConfig.logits_scaling`` for it (tests/test_dpo.py checks TRL's log-probabilities and loss against
+``MiniCPMConfig.logits_scaling`` for it (tests/training/test_dpo.py checks TRL's log-probabilities and loss against
 ones computed by hand from the model's logits).
 
 Logged at each training log and evaluation (mean over batches): ``rewards/accuracies`` (share of pairs whose

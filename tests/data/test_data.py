@@ -95,7 +95,7 @@ def test_every_prefix_agrees_with_inference(tokenizer):
 
 WEATHER_TOOLS = FORMATS["conversation"].example["tools"]
 TOOL_CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "北京"}}}
-# What each registered format's README example becomes.
+# What each registered SFT format's example (docs/data.md) becomes.
 EXPECTED_MESSAGES = {
     "conversation": [{"role": "system", "content": "你是一个广告文案助手。"},
                      {"role": "user", "content": "北京天气怎么样？"},
@@ -431,18 +431,20 @@ def test_preview_command_reports_bad_data_in_one_line(tmp_path, tiny_model):
     assert f"{bad}:1: conversation does not end with an assistant reply" in result.stderr
 
 
-def test_readme_shows_every_registered_format_and_the_flag_takes_them():
+def test_the_docs_show_every_registered_format_and_the_flag_takes_them():
     import os
 
     from conftest import ROOT
-    from minicpm_finetune.training.arguments import DataArguments
     from minicpm_finetune.data import FORMATS as CHOICES
+    from minicpm_finetune.training.arguments import DataArguments
 
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    for name, fmt in FORMATS.items():
-        assert json.dumps(fmt.example, ensure_ascii=False) in readme, name
-    assert f"--data_format {'|'.join(FORMATS)}" in readme
+    pages = {}
+    for page in ("data", "preference"):
+        with open(os.path.join(ROOT, "docs", f"{page}.md"), encoding="utf-8") as f:
+            pages[page] = f.read()
+    for name, fmt in REGISTRY.items():  # SFT formats in docs/data.md, preference pairs in docs/preference.md
+        assert json.dumps(fmt.example, ensure_ascii=False) in pages["data" if fmt.kind == "sft" else "preference"], name
+    assert f"--data_format {'|'.join(FORMATS)}" in pages["data"]
     assert list(CHOICES) == ["auto", *FORMATS] == DataArguments.__dataclass_fields__["data_format"].metadata["choices"]
 
 

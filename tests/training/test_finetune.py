@@ -189,8 +189,8 @@ def test_docs_scripts_configs_and_notebook_use_no_deprecated_flag():
                   if re.search(r"\bdeprecated alias\b|will be removed", str(f.metadata.get("help", "")), re.I)}
     assert "gradient_checkpointing" in deprecated  # the check sees transformers' marks
     texts = {path: open(os.path.join(ROOT, path), encoding="utf-8").read()
-             for path in ["README.md", "docs/faults.md", "bench/README.md", "lora_finetune.sh", "sft_finetune.sh",
-                          "scripts/common.sh",
+             for path in ["README.md", *[os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/docs/*.md")],
+                          "bench/README.md", "lora_finetune.sh", "sft_finetune.sh", "scripts/common.sh",
                           *[os.path.relpath(p, ROOT) for p in glob.glob(f"{ROOT}/configs/*.yaml")]]}
     notebook = nbformat.read(os.path.join(ROOT, "lora_finetune.ipynb"), as_version=4)
     texts["lora_finetune.ipynb"] = "\n".join(cell.source for cell in notebook.cells)
