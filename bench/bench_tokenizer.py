@@ -32,23 +32,6 @@ import minicpm_finetune  # noqa: E402,F401
 DEFAULT_DATA = [os.path.join(ROOT, "data", "advertisegen_chat", f"{split}.jsonl") for split in ("train", "dev", "test")]
 
 
-def texts_of(paths):
-    def strings(obj):
-        if isinstance(obj, str):
-            yield obj
-        elif isinstance(obj, dict):
-            for value in obj.values():
-                yield from strings(value)
-        elif isinstance(obj, list):
-            for value in obj:
-                yield from strings(value)
-
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                yield from strings(json.loads(line))
-
-
 def timed(load):
     start = time.perf_counter()
     return load(), time.perf_counter() - start
@@ -60,7 +43,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from minicpm_finetune.export.portable import save_tokenizer
-    from minicpm_finetune.tiny import build_tokenizer
+    from minicpm_finetune.tiny import build_tokenizer, texts_of_file
     from minicpm_finetune.data.tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -68,7 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", nargs="*", default=DEFAULT_DATA)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    texts = list(texts_of(args.data)) + mixed_text_corpus()
+    texts = [text for path in args.data for text in texts_of_file(path)] + mixed_text_corpus()
     with tempfile.TemporaryDirectory() as work:
         folder = args.tokenizer
         if folder is None:

@@ -36,7 +36,7 @@ BASE_CORPUS = [
 ]
 
 
-def _texts_from_file(path: str):
+def texts_of_file(path: str):
     """Every string value in a JSON / JSON Lines data file, whatever its format."""
     from .data.sources import DataError, read_records, record_is_unreadable
 
@@ -171,7 +171,7 @@ def build_tiny(output_dir: str, data_files=(), chat_template: str = "minicpm", s
     import torch
     from transformers import AutoModelForCausalLM
 
-    texts = [t for path in data_files for t in _texts_from_file(path)]
+    texts = [t for path in data_files for t in texts_of_file(path)]
     with atomic_path(output_dir, folder=True) as staging:
         tokenizer = build_tokenizer(staging, texts, chat_template)
         torch.manual_seed(seed)

@@ -57,3 +57,13 @@ def test_data_benchmark_runs_preparation_and_bare_tokenizer_side_by_side(tmp_pat
     assert 0 < numbers["cached_s"] < numbers["prepare_s"][0]  # the second run is served from the cache
     assert [p["samples"] for p in numbers["preview"]] == [100, 200] and numbers["preview_peak_ratio"] > 0
     assert "the bare call" in result.stdout and "peak RSS" in result.stdout and "load average" in result.stdout
+
+
+def test_tokenizer_benchmark_compares_with_sentencepiece(tmp_path):
+    bench = os.path.join(ROOT, "bench", "bench_tokenizer.py")
+    result = run([sys.executable, bench, "--json", str(tmp_path / "t.json")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    numbers = json.loads((tmp_path / "t.json").read_text())
+    assert numbers["texts"] >= 10_000 and "| toolkit |" in result.stdout
+    assert numbers["toolkit"]["equal"] == numbers["output"]["equal"] == numbers["texts"]
+    assert numbers["plain"]["equal"] < numbers["texts"] // 2  # transformers 5 alone, on MiniCPM-2B's layout
