@@ -124,3 +124,15 @@ def test_no_module_is_over_400_lines():
         if count > MAX_LINES:
             long[name] = count
     assert long == {}
+
+
+def test_the_names_the_readme_and_docs_use_import_from_where_they_say():
+    """Paths written before the stage packages: the data module's names, the metrics, the commands."""
+    from minicpm_finetune.advertisegen import verify_archive  # noqa: F401
+    from minicpm_finetune.data import (DataError, check_file, encode, example_of, load_conversations,  # noqa: F401
+                                       read_records, tokenize_dataset)
+    from minicpm_finetune.evaluation.metrics import compute_metrics as evaluation_metrics
+    from minicpm_finetune.metrics import compute_metrics
+    from minicpm_finetune.tiny import build_tiny  # noqa: F401
+
+    assert compute_metrics is evaluation_metrics
