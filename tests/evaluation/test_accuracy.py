@@ -85,9 +85,9 @@ def test_label_task_reports_accuracy_during_training_and_on_the_test_set(tmp_pat
     out = tmp_path / "out"
     finetune.main(["--model_name_or_path", tiny_model, "--train_data_path", train, "--eval_data_path", dev,
                    "--test_data_path", dev, "--output_dir", str(out), "--use_cpu", "--use_lora",
-                   "--learning_rate", "2e-2", "--per_device_train_batch_size", "8", "--max_steps", "20",
+                   "--learning_rate", "2e-2", "--per_device_train_batch_size", "8", "--max_steps", "40",
                    "--lr_scheduler_type", "constant", "--logging_steps", "10", "--eval_strategy", "steps",
-                   "--eval_steps", "20", "--save_strategy", "no", "--eval_metrics", "accuracy",
+                   "--eval_steps", "40", "--save_strategy", "no", "--eval_metrics", "accuracy",
                    "--max_new_tokens", "6", "--disable_tqdm", "true", "--report_to", "none", "--seed", "0"])
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     evaluation = [e for e in history if "eval_loss" in e][-1]
@@ -98,7 +98,7 @@ def test_label_task_reports_accuracy_during_training_and_on_the_test_set(tmp_pat
     hits = sum(normalise_label(p["prediction"]) == normalise_label(p["reference"]) for p in predictions)
     assert test["test_accuracy"] == round(100 * hits / len(predictions), 4)
     assert test["test_accuracy"] == evaluation["eval_accuracy"]  # same model, same samples
-    assert test["test_accuracy"] > 0, predictions  # the labels are learnable in 20 steps
+    assert test["test_accuracy"] > 0, predictions  # learnable in 40 steps (a label: 6 byte pieces in the tiny vocab)
 
 
 def test_inference_scores_a_label_file_by_accuracy(tmp_path, tiny_model, capsys):
