@@ -70,7 +70,10 @@ def test_pip_install_gives_the_package_and_its_commands(tmp_path, editable):
     if editable:
         assert location == str(source / "minicpm_finetune")
     else:
-        assert location.startswith(str(venv)) and os.path.isfile(os.path.join(location, "modeling_minicpm.py"))
+        assert location.startswith(str(venv))  # and every stage package with it, the shipped model code too
+        for module in ("models/modeling_minicpm.py", "data/__main__.py", "evaluation/inference.py",
+                       "export/__main__.py", "training/finetune.py"):
+            assert os.path.isfile(os.path.join(location, module)), module
     names = [r.split(";")[0].split(">")[0].split("<")[0].split("=")[0].strip() for r in requires.split(";")]
     assert "transformers" in names and "peft" in names and "torch" not in names, names  # torch: the user's build
 
