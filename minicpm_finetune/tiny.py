@@ -131,6 +131,15 @@ def tiny_config(vocab_size: int, bos_token_id: int = 1, eos_token_id: int = 2, *
     return MiniCPMConfig(**settings)
 
 
+# Model shapes besides the tiny one: MiniCPM-2B's (2.72B parameters, its 122,753-word vocabulary; the tiny
+# tokenizer's ids are a part of it), random, for runs on a GPU that measure speed and memory as on the real one.
+SHAPES = {
+    "tiny": {},
+    "minicpm-2b": dict(vocab_size=122753, hidden_size=2304, intermediate_size=5760, num_hidden_layers=40,
+                       num_attention_heads=36, num_key_value_heads=36, dim_model_base=256, max_position_embeddings=4096,
+                       initializer_range=0.1),
+}
+
 # Init for a pretrained tiny model: logits can reach about std * dim_model_base = 8 (random init: 1.6).
 PRETRAIN_CONFIG = dict(dim_model_base=32, initializer_range=0.25)
 
@@ -165,9 +174,11 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int = 0, batc
 
 
 def build_tiny(output_dir: str, data_files=(), chat_template: str = "minicpm", seed: int = 0, pretrain_steps: int = 0,
-               **config_overrides) -> str:
+               shape: str = "tiny", **config_overrides) -> str:
     """Write a tiny MiniCPM and its tokenizer to ``output_dir`` (atomically) and return the path: random, or
-    with ``pretrain_steps`` > 0 pretrained on the tokenizer's texts (see the module docstring)."""
+    with ``pretrain_steps`` > 0 pretrained on the tokenizer's texts (see the module docstring). ``shape``
+    (SHAPES) other than tiny: a random model of that size, built on the GPU when there is one and saved in bf16,
+    as the official checkpoints are."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -177,8 +188,11 @@ def build_tiny(output_dir: str, data_files=(), chat_template: str = "minicpm", s
         torch.manual_seed(seed)
         if pretrain_steps:
             config_overrides = {**PRETRAIN_CONFIG, **config_overrides}
-        config = tiny_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, **config_overrides)
-        model = AutoModelForCausalLM.from_config(config)
+        settings = {"vocab_size": len(tokenizer), **SHAPES[shape], **config_overrides}
+        config = tiny_config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **settings)
+        large = shape != "tiny"
+        with torch.device("cuda" if large and torch.cuda.is_available() else "cpu"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if large else torch.float32)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         if pretrain_steps:
             pretrain(model, tokenizer, BASE_CORPUS + texts, pretrain_steps, seed)
@@ -198,10 +212,13 @@ def main(argv=None) -> int:
     parser.add_argument("--pretrain_steps", type=int, default=300,
                         help="language-modelling steps on the tokenizer's texts so the model learns like a real one "
                              "(0: a random model)")
+    parser.add_argument("--shape", choices=list(SHAPES), default="tiny",
+                        help="minicpm-2b: a random model of MiniCPM-2B's size and vocabulary, in bf16 (with "
+                             "--pretrain_steps 0), for speed and memory runs on a GPU")
     args = parser.parse_args(argv)
-    build_tiny(args.output_dir, args.data, args.chat_template, args.seed, args.pretrain_steps)
+    build_tiny(args.output_dir, args.data, args.chat_template, args.seed, args.pretrain_steps, args.shape)
     kind = f"pretrained ({args.pretrain_steps} steps)" if args.pretrain_steps else "random"
-    print(f"wrote a tiny {kind} MiniCPM and tokenizer to {args.output_dir}")
+    print(f"wrote a {kind} MiniCPM of shape {args.shape} and its tokenizer to {args.output_dir}")
     return 0
 
 

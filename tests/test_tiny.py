@@ -52,3 +52,16 @@ def test_pretrained_tiny_model_knows_its_texts_and_has_a_wider_logit_range(tmp_p
 
     assert load_tokenizer(tiny_model).get_vocab() == tokenizer.get_vocab()  # same tokenizer
     assert loss(pretrained) < 0.5 * loss(tiny_model)
+
+
+def test_the_minicpm_2b_shape_is_minicpm_2b():
+    """The shape GPU runs use: MiniCPM-2B's size (2.72B parameters, tied embeddings, 122,753 words)."""
+    import torch
+
+    from minicpm_finetune.models.modeling_minicpm import MiniCPMForCausalLM
+    from minicpm_finetune.tiny import SHAPES, tiny_config
+
+    with torch.device("meta"):
+        model = MiniCPMForCausalLM(tiny_config(**SHAPES["minicpm-2b"]))
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 2.72
+    assert model.config.vocab_size == 122753 and model.config.hidden_size // model.config.dim_model_base == 9
