@@ -84,9 +84,14 @@ def _checked_rows(path: str, data_format: str, kind: str, prompts: bool):
 
 
 def _source_identity(path: str) -> str:
+    """What the checked table of a source is cached under: a file's content (a file corrected in place, even
+    with its old size and time, is checked again), a saved folder's or hub data set's fingerprint."""
     if os.path.isfile(path):
-        stat = os.stat(path)
-        return f"file:{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
+        digest = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        return f"file:{os.path.realpath(path)}:{digest.hexdigest()}"
     source = _arrow_source(path)  # a saved folder or a hub data set: datasets' own fingerprint
     return f"arrow:{os.path.realpath(path) if os.path.isdir(path) else path}:{source._fingerprint}"
 

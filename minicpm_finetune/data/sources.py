@@ -269,6 +269,15 @@ def _skip_value(text: str, pos: int):
         return None
 
 
+def is_parquet(path: str) -> bool:
+    """A Parquet file, by its first bytes ("PAR1"), whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
 def _arrow_source(path: str):
     """A datasets.Dataset for a save_to_disk folder, a Parquet file or a hub name; None for JSON files."""
     import datasets
@@ -284,7 +293,7 @@ def _arrow_source(path: str):
                             f"e.g. {os.path.join(path, next(iter(loaded)))}")
         return loaded
     if os.path.isfile(path):
-        if path.endswith(".parquet"):
+        if is_parquet(path):
             try:
                 return datasets.load_dataset("parquet", data_files=path, split="train")
             except Exception as e:  # noqa: BLE001
@@ -332,6 +341,6 @@ def read_records(path: str):
 
 def _location(path: str, number: int) -> str:
     """How a problem names its record: FILE:LINE (or item) for JSON, FILE: row N for Arrow sources."""
-    if os.path.isfile(path) and not path.endswith(".parquet"):
+    if os.path.isfile(path) and not is_parquet(path):
         return f"{path}:{number}"
     return f"{path}: row {number}"

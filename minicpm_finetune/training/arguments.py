@@ -124,8 +124,34 @@ class TrainingArguments(transformers.TrainingArguments):
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    """A mapping from (key, value) pairs, refusing a key given twice (both parsers would keep the last one)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(f"{key!r} is given twice")
+        seen[key] = value
+    return seen
+
+
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            self.flatten_mapping(node)
+            return _no_duplicate_keys((self.construct_object(key, deep=deep), self.construct_object(value, deep=deep))
+                                      for key, value in node.value)
+
+    return Loader
+
+
 def read_config_file(path: str) -> dict:
-    """A YAML or JSON config file: a mapping of flag names (without "--") to values."""
+    """A YAML or JSON config file: a mapping of flag names (without "--") to values, each given once."""
     if not os.path.isfile(path):
         raise ArgumentError(f"{path}: config file not found")
     import yaml
@@ -133,7 +159,10 @@ def read_config_file(path: str) -> dict:
     kind = "JSON" if path.endswith(".json") else "YAML"
     try:
         with open(path, encoding="utf-8") as f:
-            values = json.load(f) if kind == "JSON" else yaml.safe_load(f)
+            values = (json.load(f, object_pairs_hook=_no_duplicate_keys) if kind == "JSON"
+                      else yaml.load(f, Loader=_yaml_loader()))  # noqa: S506 - a SafeLoader
+    except _DuplicateKey as e:
+        raise ArgumentError(f"{path}: {e} (only one value can count; keep one)") from None
     except (ValueError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ArgumentError(f"{path}: not valid {kind} ({' '.join(str(e).split())})") from None
     if values is None:

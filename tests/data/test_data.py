@@ -1,9 +1,10 @@
 """Exact ids and loss masks for every data format on both chat template styles; sources, checks, cache."""
 
 import json
+import os
 
 import pytest
-from conftest import run, write_jsonl
+from conftest import conversation, run, write_jsonl
 
 from minicpm_finetune.data import (IGNORE_INDEX, DataError, check_file, encode, example_of,
                                    load_conversations, read_records, to_messages, tokenize_dataset)
@@ -369,7 +370,9 @@ def test_parquet_and_saved_dataset_sources(tmp_path, tokenizer):
     rows.save_to_disk(saved)
     jsonl = write_jsonl(tmp_path / "d.jsonl", [dict(r, output=str(r["output"])) for r in records])
     expected, _ = tokenize_dataset(load_conversations(jsonl), tokenizer, None)
-    for source in (parquet, saved):
+    unnamed = str(tmp_path / "d.data")  # a Parquet file whatever its name (told by its first bytes)
+    rows.to_parquet(unnamed)
+    for source in (parquet, unnamed, saved):
         dataset, _ = tokenize_dataset(load_conversations(source), tokenizer, None)
         assert dataset["input_ids"] == expected["input_ids"] and dataset["labels"] == expected["labels"]
     bad = datasets.Dataset.from_list([{"prompt": "a", "response": "b"}, {"prompt": "a", "response": None}])
@@ -379,6 +382,20 @@ def test_parquet_and_saved_dataset_sources(tmp_path, tokenizer):
     datasets.DatasetDict({"train": rows, "test": rows}).save_to_disk(str(tmp_path / "dict"))
     with pytest.raises(DataError, match=r"holds several splits \(train, test\); give one of them"):
         check_file(str(tmp_path / "dict"))
+
+
+def test_a_file_corrected_in_place_is_checked_again_even_with_its_old_size_and_time(tmp_path):
+    """The checked-data cache is keyed by the file's content, not its size and modification time."""
+    path = write_jsonl(tmp_path / "d.jsonl", [conversation("你好", "好的")])
+    stat = os.stat(path)
+    assert check_file(path).good_count == 1
+    with open(path, "r+b") as f:  # the same size: one character of the record changed
+        text = f.read().replace("好的".encode(), "好吗".encode())
+        f.seek(0)
+        f.write(text)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    assert example_of(check_file(path).checked[0])["messages"][-1]["content"] == "好吗"
 
 
 def test_tokenized_cache_key_is_data_tokenizer_template_and_length(tmp_path, tiny_model, monkeypatch):

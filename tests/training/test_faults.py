@@ -501,6 +501,11 @@ BAD_CONFIGS = [
     ("list for a single value", "bad.yaml", "lora_target_modules: [q_proj, v_proj]\n",
      "bad.yaml: lora_target_modules takes one value, not a list"),
     ("missing", "nowhere.yaml", None, "nowhere.yaml: config file not found"),
+    # A key given twice: YAML and JSON parsers keep the last value without a word.
+    ("duplicate key YAML", "twice.yaml", "learning_rate: 1.0e-4\nuse_lora: true\nlearning_rate: 1.0e-3\n",
+     "twice.yaml: 'learning_rate' is given twice (only one value can count; keep one)"),
+    ("duplicate key JSON", "twice.json", '{"use_lora": true, "use_lora": false}',
+     "twice.json: 'use_lora' is given twice (only one value can count; keep one)"),
 ]
 
 
