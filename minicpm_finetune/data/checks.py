@@ -1,7 +1,7 @@
 """Checking training data: every record of every source in one pass, into a cached Arrow table.
 
 Checking streams a source (``sources.py``) once, record by record, into an Arrow table (``datasets``,
-memory-mapped, cached by the source's path, size and modification time) holding per record its position,
+memory-mapped, cached by the source's path and content) holding per record its position,
 its problem (if any) and its normalised example as JSON text (record formats: ``formats.py``, detected per
 file from its first record, or forced with ``data_format``). Nothing holds the data set as Python objects,
 so memory does not grow with the data. One report lists the first 20 problems of all files, counted; with
