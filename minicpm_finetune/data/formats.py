@@ -189,9 +189,11 @@ def _reply_value(value, key: str) -> str:
 
 
 def _pair(prompt: list, chosen: str, rejected: str) -> dict:
-    """The checked pair: a prompt ending with a user turn, two different non-empty replies."""
+    """The checked pair: a prompt of plain messages ending with a user turn, two different non-empty replies."""
     if not isinstance(prompt[-1], dict) or prompt[-1].get("role") != "user":
         raise ValueError("the prompt does not end with a user turn")
+    if any(isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool") for m in prompt):
+        raise ValueError("the prompt holds a tool call or result: preference pairs take plain turns only")
     for name, reply in (("chosen", chosen), ("rejected", rejected)):
         if not reply.strip():
             raise ValueError(f'empty "{name}" reply')

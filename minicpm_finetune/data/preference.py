@@ -36,8 +36,9 @@ PREFERENCE_FORMATS = tuple(registry.format_names("preference"))
 
 def to_pair(record: dict, data_format: str) -> dict:
     """One record as ``{"prompt": messages ending with a user turn, "chosen": str, "rejected": str}``
-    (formats.py); ValueError naming the problem."""
-    return registry.FORMATS[data_format].convert(record)
+    (formats.py, with the registry's key checks: a text key the format does not read is refused, not dropped);
+    ValueError naming the problem."""
+    return registry.convert(record, data_format)[0]
 
 
 def check_preference_file(path: str) -> FileCheck:

@@ -315,6 +315,8 @@ def check_dpo(data_args, training_args) -> None:
         raise ArgumentError(f"--sft_loss_weight must be 0 or more, got {training_args.sft_loss_weight}")
     if training_args.packing:
         raise ArgumentError("--packing does not apply to --stage dpo (chosen and rejected are batched as pairs)")
+    if training_args.early_stopping_patience:
+        raise ArgumentError("--early_stopping_patience does not apply to --stage dpo (it would be ignored)")
     if data_args.data_format != "auto":
         raise ArgumentError("--data_format names SFT formats; preference formats are detected (--stage dpo)")
 

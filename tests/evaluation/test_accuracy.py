@@ -49,8 +49,11 @@ def test_metric_choice():
     (["--stage", "dpo", "--dpo_beta", "0"], "--dpo_beta must be positive, got 0.0"),
     (["--stage", "dpo", "--sft_loss_weight", "-1"], "--sft_loss_weight must be 0 or more, got -1.0"),
     (["--stage", "dpo", "--packing"], "--packing does not apply to --stage dpo"),
+    (["--stage", "dpo", "--early_stopping_patience", "2", "--load_best_model_at_end", "true", "--eval_strategy",
+      "steps", "--save_strategy", "steps"], "--early_stopping_patience does not apply to --stage dpo"),
     (["--stage", "dpo", "--data_format", "conversation"], "--data_format names SFT formats"),
-], ids=["unknown_metric", "no_metric", "dpo_beta", "sft_loss_weight", "dpo_packing", "dpo_data_format"])
+], ids=["unknown_metric", "no_metric", "dpo_beta", "sft_loss_weight", "dpo_packing", "dpo_early_stopping",
+        "dpo_data_format"])
 def test_impossible_metric_and_dpo_arguments_are_one_line(tmp_path, tiny_model, data_dir, argv, message):
     base = ["--model_name_or_path", tiny_model, "--train_data_path", str(data_dir / "train.jsonl"),
             "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out"), "--use_cpu"]

@@ -115,6 +115,13 @@ def test_bad_preference_records_are_named_with_file_and_record(tmp_path, tiny_mo
         json.dumps({"prompt": "q", "chosen": "a", "rejected": ""}),
         json.dumps({"prompt": "q", "chosen": "a"}),
         json.dumps({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}),
+        # Text the format does not read is refused, as in SFT data, not dropped.
+        json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "system": "be brief"}),
+        json.dumps({"prompt": [{"role": "user", "content": "q"},
+                               {"role": "assistant", "content": "", "tool_calls": [
+                                   {"type": "function", "function": {"name": "f", "arguments": {}}}]},
+                               {"role": "tool", "content": "r"}, {"role": "user", "content": "and?"}],
+                    "chosen": "a", "rejected": "b"}),
     ]) + "\n", encoding="utf-8")
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
@@ -122,13 +129,15 @@ def test_bad_preference_records_are_named_with_file_and_record(tmp_path, tiny_mo
                        "--eval_data_path", str(preference_dir / "dev.jsonl"), "--output_dir", str(out), "--use_cpu"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: 6 problem(s) in the preference data:\n")
+    assert err.startswith("error: 8 problem(s) in the preference data:\n")
     for line in (f'{bad}:2: "chosen" and "rejected" are the same reply (nothing to prefer)',
                  f"{bad}:3: malformed JSON",
                  f"{bad}:4: the prompt does not end with a user turn",
                  f'{bad}:5: empty "rejected" reply',
                  f'{bad}:6: missing "rejected"',
-                 f'{bad}:7: "chosen" must be one assistant message (or a string)'):
+                 f'{bad}:7: "chosen" must be one assistant message (or a string)',
+                 f'{bad}:8: key "system" is not read by the trl format, its text would be lost',
+                 f"{bad}:9: the prompt holds a tool call or result: preference pairs take plain turns only"):
         assert line in err, err
     assert not out.exists()  # nothing half-written
 
