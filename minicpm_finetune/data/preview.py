@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from ..cli import ArgumentError, FinetuneError, OneLineParser, command, load_error, write_atomic
+from ..cli import ArgumentError, FinetuneError, OneLineParser, check_output_path, command, load_error, write_atomic
 from .checks import FORMATS, load_conversations
 from .encoding import IGNORE_INDEX, tokenize_dataset
 from .preference import check_preference_files, tokenize_pairs
@@ -76,6 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preprocessing_num_workers", type=int, default=None, help="processes that tokenize")
     parser.add_argument("--dump", default=None, help="write {input_ids, labels} per sample to this JSONL")
     args = parser.parse_args(argv)
+    if args.dump:  # before the work: a dump that cannot be written would lose it
+        check_output_path(args.dump, "--dump", folder=False)
     if os.path.isdir(args.tokenizer) and not any(os.path.isfile(os.path.join(args.tokenizer, name)) for name in
                                                  ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise ArgumentError(f"--tokenizer {args.tokenizer}: no tokenizer files in this folder (tokenizer.json, "

@@ -96,18 +96,26 @@ def _same_model(a: str, b: str) -> bool:
     return a == b or os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
+def _take_lock(f) -> str | None:
+    """Try to lock an open file: None when locked, "held" when another process holds it, else why the file
+    system cannot lock it (some network and FUSE file systems have no flock)."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        return "held" if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else (e.strerror or str(e))
+    return None
+
+
 def is_locked(output_dir: str) -> bool:
-    """Whether another process holds the folder's lock now."""
+    """Whether another process holds the folder's lock now (never, on a file system that cannot lock)."""
     path = os.path.join(output_dir, LOCK_NAME)
     if not os.path.isfile(path):
         return False
     with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
+        outcome = _take_lock(f)
+        if outcome is None:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    return outcome == "held"
 
 
 def check_output_dir(output_dir: str, wanted: dict, resume_from: str | None, overwrite: bool,
@@ -149,16 +157,21 @@ def check_output_dir(output_dir: str, wanted: dict, resume_from: str | None, ove
                              f"--resume_from_checkpoint true, {replace}")
 
 
-def lock_output_dir(output_dir: str) -> None:
-    """Hold an exclusive lock on ``output_dir`` until the process ends; OutputDirError if another run has it."""
+def lock_output_dir(output_dir: str, log=print) -> None:
+    """Hold an exclusive lock on ``output_dir`` until the process ends; OutputDirError if another run has it.
+    On a file system that cannot lock files the run goes on, and says that nothing guards the folder."""
     os.makedirs(output_dir, exist_ok=True)
     f = open(os.path.join(output_dir, LOCK_NAME), "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    outcome = _take_lock(f)
+    if outcome == "held":
         f.close()
         raise OutputDirError(f"--output_dir {output_dir} is in use by another training run; "
-                             "wait for it to end or choose another folder") from None
+                             "wait for it to end or choose another folder")
+    if outcome is not None:
+        f.close()
+        log(f"note: --output_dir {output_dir}: its file system cannot lock files ({outcome}); nothing stops "
+            "a second run from writing into it at the same time")
+        return
     _held_locks.append(f)
 
 

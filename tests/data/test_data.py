@@ -384,6 +384,18 @@ def test_parquet_and_saved_dataset_sources(tmp_path, tokenizer):
         check_file(str(tmp_path / "dict"))
 
 
+def test_the_preview_checks_its_dump_path_before_the_work(tmp_path, capsys):
+    from minicpm_finetune.data import main as preview_main
+
+    (tmp_path / "a_file").write_text("not a folder")
+    dump = tmp_path / "a_file" / "dump.jsonl"
+    with pytest.raises(SystemExit) as exit_info:  # the tokenizer does not even exist: the dump path comes first
+        preview_main(["--tokenizer", str(tmp_path / "no_model"), "--data", str(tmp_path / "x.jsonl"),
+                      "--dump", str(dump)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: --dump {dump}: {tmp_path / 'a_file'} is a file, not a folder\n"
+
+
 def test_a_file_corrected_in_place_is_checked_again_even_with_its_old_size_and_time(tmp_path):
     """The checked-data cache is keyed by the file's content, not its size and modification time."""
     path = write_jsonl(tmp_path / "d.jsonl", [conversation("你好", "好的")])

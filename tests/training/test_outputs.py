@@ -110,6 +110,24 @@ def test_lock_is_exclusive_until_released(tmp_path):
     check_output_dir(folder, LORA, None, overwrite=False)
 
 
+def test_a_file_system_that_cannot_lock_is_said_and_not_taken_for_another_run(tmp_path, monkeypatch):
+    """Some network and FUSE file systems have no flock: the run goes on with a note, never "in use"."""
+    import errno
+    import fcntl
+
+    def no_flock(f, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    folder = str(tmp_path / "run")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    said = []
+    lock_output_dir(folder, log=said.append)
+    assert said == [f"note: --output_dir {folder}: its file system cannot lock files (No locks available); "
+                    "nothing stops a second run from writing into it at the same time"]
+    assert not is_locked(folder)
+    check_output_dir(folder, LORA, None, overwrite=False)  # not "in use by another training run"
+
+
 def test_overwrite_clears_the_old_run_and_keeps_other_files(tmp_path):
     write_adapter(tmp_path)
     write_checkpoint(tmp_path / "checkpoint-2", 2)
