@@ -67,8 +67,8 @@ def check_args(args) -> None:
     for name in ("prompt", "system"):
         if getattr(args, name) is not None and not is_utf8(getattr(args, name)):
             raise ArgumentError(f"--{name} is not valid UTF-8 text (check the terminal's or the script's encoding)")
-    if args.input_file and not os.path.isfile(args.input_file):
-        raise ArgumentError(f"--input_file {args.input_file}: file not found")
+    if args.input_file and not os.path.exists(args.input_file) and looks_local(args.input_file.split(":")[0]):
+        raise ArgumentError(f"--input_file {args.input_file}: file not found")  # else a hub dataset name
     if args.input_file and not args.output_file:
         raise ArgumentError("--input_file needs --output_file")
     for name in ("batch_size", "max_new_tokens", "num_beams", "max_length"):
@@ -169,6 +169,10 @@ def read_samples(path: str, data_format: str, every_turn: bool):
         as_prompts = check_file(path, data_format, prompts=True)
         if as_prompts.problem_count:
             raise DataError(check.report())
+        if check.good_count:  # some records have their reply: scoring them silently would drop the others
+            raise DataError(f"{path}: {check.problem_count} record(s) have no reply and {check.good_count} have "
+                            f"one (first without: {check.problems[0]}); give every record its reply to score "
+                            "them, or none to only predict")
         check, prompts_only = as_prompts, True
     samples, numbers = [], []
     for row in load_conversations(path, data_format, check=check):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import QA, ROOT, run
+from conftest import QA, ROOT, run, write_jsonl
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -340,3 +340,27 @@ def test_file_mode_reads_every_registered_format_with_tools_carried_to_the_promp
     assert [reference for _, reference in alpaca] == ["红裙上新", "这款红色连衣裙……"]  # history replies too
     with pytest.raises(DataError, match="unknown data format 'input_output'"):
         read_samples(str(tmp_path / "alpaca.jsonl"), "input_output", every_turn=False)
+
+
+def test_a_file_mixing_records_with_and_without_replies_is_one_line_and_a_saved_dataset_is_read(tmp_path,
+                                                                                                  tiny_model):
+    """Records with a reply are scored, records without only predicted: a file of both is said, not turned
+    silently into prompts only (which would drop every reference); any data path of training works here too."""
+    import datasets
+
+    sys.path.insert(0, ROOT)
+    from inference import parse_args, read_samples
+
+    from minicpm_finetune.data import DataError
+
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"instruction": "写一段广告", "output": "红裙上新"},
+                                                   {"instruction": "写一段广告"}])
+    with pytest.raises(DataError, match=r"mixed.jsonl: 1 record\(s\) have no reply and 1 have one \(first without: "
+                                        r".*mixed.jsonl:2: .*\); give every record its reply to score them"):
+        read_samples(mixed, "auto", every_turn=False)
+    saved = str(tmp_path / "saved")
+    datasets.Dataset.from_list([{"instruction": "写一段广告", "output": "红裙上新"}]).save_to_disk(saved)
+    parse_args(["--model_name_or_path", tiny_model, "--input_file", saved, "--output_file",
+                str(tmp_path / "out.jsonl")])  # its checks take a folder as a data path, as training does
+    (prompt, reference), = read_samples(saved, "auto", every_turn=False)[0]
+    assert reference == "红裙上新" and prompt[-1] == {"role": "user", "content": "写一段广告"}
