@@ -24,7 +24,7 @@ from .sources import _SERIALISER, DataError, _arrow_source, _location, _orjson, 
 
 FORMATS = ("auto", *registry.format_names())
 MAX_LISTED_PROBLEMS = 20
-CHECK_VERSION = "2"  # part of the checked-data cache key: bump when checking or normalising changes
+CHECK_VERSION = "3"  # part of the checked-data cache key: bump when checking or normalising changes
 PLACEHOLDER_REPLY = "-"
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from ..cli import ArgumentError
 from .checks import example_of
 from .rendering import ChatRenderer, Rendered, TemplateError, _verification_conversations
-from .sources import _orjson
+from .sources import _orjson, orjson_can_read
 
 IGNORE_INDEX = -100
 ENCODER_VERSION = "3"  # part of the tokenized cache key: bump when the ids or labels change
@@ -292,7 +292,12 @@ class EncodeStats:
                 f"{int(np.percentile(lengths, 95))}/{int(lengths.max())}")
 
 
-_load_example = _orjson.loads if _orjson is not None else json.loads
+def _load_example(text: str) -> dict:
+    """A checked example back from its JSON text; json where orjson would change a value (an integer beyond
+    64 bits), so values reach the template as written."""
+    if _orjson is not None and orjson_can_read(text):
+        return _orjson.loads(text)
+    return json.loads(text)
 
 
 def _encode_rows(batch, encoder, max_length):

@@ -9,6 +9,7 @@ chat can have (``check_messages``); tool lists and calls are normalised to ``{"t
 from __future__ import annotations
 
 import json
+import math
 
 ROLES = ("system", "user", "assistant", "tool")
 MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
@@ -25,6 +26,32 @@ def _json_value(value, what: str):
     return value
 
 
+# The keys each level of a tool definition or call is read by; another key's value would be lost.
+TOOL_KEYS = ("type", "function")
+SCHEMA_KEYS = ("name", "description", "parameters", "strict")
+CALL_KEYS = ("type", "function", "id")
+CALL_FUNCTION_KEYS = ("name", "arguments")
+
+
+def _only_keys(obj: dict, keys: tuple, where: str) -> None:
+    unused = [k for k, v in obj.items() if k not in keys and v is not None]
+    if unused:
+        raise ValueError(f'{where}: key "{unused[0]}" is not read (expected {", ".join(keys)}), its value would be '
+                         "lost")
+
+
+def _finite(value, where: str) -> None:
+    """Values reach the template as written: NaN and Infinity (accepted by Python's json, not JSON) are refused."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} holds {value}: not a JSON number")
+    if isinstance(value, dict):
+        for item in value.values():
+            _finite(item, where)
+    elif isinstance(value, list):
+        for item in value:
+            _finite(item, where)
+
+
 def normalise_tools(tools) -> list | None:
     tools = _json_value(tools, '"tools"')
     if tools in (None, [], ""):
@@ -36,7 +63,11 @@ def normalise_tools(tools) -> list | None:
         function = tool.get("function", tool) if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise ValueError(f'tool {i}: expected {{"type": "function", "function": {{"name": ..., ...}}}}')
-        out.append({"type": "function", "function": function})
+        if function is not tool:
+            _only_keys(tool, TOOL_KEYS, f"tool {i}")
+        _only_keys(function, SCHEMA_KEYS, f"tool {i}")
+        _finite(function, f"tool {i}")
+        out.append({"type": "function", "function": {k: v for k, v in function.items() if v is not None}})
     return out
 
 
@@ -51,11 +82,15 @@ def normalise_tool_calls(calls, where: str) -> list:
         function = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
             raise ValueError(f'{where}: a tool call needs a "name" (and "arguments")')
+        if function is not call:
+            _only_keys(call, CALL_KEYS, f"{where}: tool call")
+        _only_keys(function, CALL_FUNCTION_KEYS + (("type", "id") if function is call else ()), f"{where}: tool call")
         arguments = _json_value(function.get("arguments", {}), f"{where}: tool call arguments")
         if arguments is None:
             arguments = {}
         if not isinstance(arguments, dict):
             raise ValueError(f"{where}: tool call arguments must be an object")
+        _finite(arguments, f"{where}: tool call arguments")
         out.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
     return out
 

@@ -77,6 +77,15 @@ def _count_keys(obj) -> int:
 _NOT_PARSED = object()
 _SPACED_COLON = re.compile(r'"\s+:')  # a key written "key" : is not counted by '":'
 _SPACED_COLON_BYTES = re.compile(rb'"\s+:')
+# orjson reads an integer beyond 64 bits as a float (its value changed); json keeps it exact. Nineteen digits
+# in a row, wherever they are (in a string too), send a text to json.
+LONG_INTEGER = re.compile(r"\d{19}")
+LONG_INTEGER_BYTES = re.compile(rb"\d{19}")
+
+
+def orjson_can_read(text) -> bool:
+    """Whether orjson reads every value of this JSON text as written."""
+    return (LONG_INTEGER_BYTES if type(text) is bytes else LONG_INTEGER).search(text) is None
 
 
 def _parse_fast(text):
@@ -84,7 +93,7 @@ def _parse_fast(text):
     _parse must look: orjson refuses it (json says what is wrong, or accepts e.g. lone surrogates), or a
     key may be given twice. When every key is written as "key": (no space before a colon) and the text holds no
     more '":' than the parsed value has keys, no key was given twice; otherwise ('":' in a string) look."""
-    if _orjson is None:
+    if _orjson is None or not orjson_can_read(text):
         return _NOT_PARSED
     try:
         obj = _orjson.loads(text)
@@ -322,7 +331,7 @@ def read_records(path: str):
             columns = list(batch)
             for i in range(len(batch[columns[0]]) if columns else 0):
                 number += 1
-                yield number, {k: batch[k][i] for k in columns}
+                yield number, {k: _without_struct_nulls(batch[k][i]) for k in columns}
         if number == 0:
             raise DataError(f"{path}: no records")
         return
@@ -337,6 +346,16 @@ def read_records(path: str):
         yield from (_json_array_records(path) if first == b"[" else _jsonl_records(path))
     except OSError as e:  # unreadable: permissions, a folder, an I/O error
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def _without_struct_nulls(value):
+    """Arrow gives every row of a struct column all the struct's fields, null where a row has none (a tool call
+    gets its schema's keys): a null field inside a nested object is absent, as in the data written."""
+    if isinstance(value, dict):
+        return {k: _without_struct_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_struct_nulls(v) for v in value]
+    return value
 
 
 def _location(path: str, number: int) -> str:

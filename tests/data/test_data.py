@@ -298,6 +298,18 @@ def test_bad_records_are_named_by_file_and_line(tmp_path, line, problem):
     ("alpaca", {"instruction": "a", "output": "b", "response": "c"}, 'key "response" is not read by the alpaca format'),
     ("prompt_response", {"prompt": "a"}, 'missing "response"'),
     ("prompt_response", {"prompt": "a", "response": "b", "system": 1}, '"system" must be a string'),
+    # Inside tool calls and schemas: keys no template reads, values that are not JSON.
+    ("conversation", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "parameters": {"city": "北京"}}}]},
+        {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]},
+     'message 2: tool call: key "parameters" is not read (expected name, arguments), its value would be lost'),
+    ("conversation", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"x": float("nan")}}}]},
+        {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]},
+     "message 2: tool call arguments holds nan: not a JSON number"),
+    ("conversation", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "tools": [{"type": "function", "function": {"name": "f", "params": {}}}]},
+     'tool 1: key "params" is not read (expected name, description, parameters, strict), its value would be lost'),
 ])
 def test_bad_records_of_every_format(tmp_path, name, bad, problem):
     good = FORMATS[name].example
@@ -305,6 +317,36 @@ def test_bad_records_of_every_format(tmp_path, name, bad, problem):
     check = check_file(path)
     assert check.data_format == name and check.good_count == 2
     assert check.problems == [f"{path}:2: " + check.problems[0].split(": ", 1)[1]] and problem in check.problems[0]
+
+
+def test_tool_call_values_reach_the_template_as_written_from_json_and_parquet(tmp_path):
+    """An integer beyond 64 bits stays exact (orjson cannot hold it), and Parquet's struct columns add no null
+    fields that were never in the data: the rendered text is the same from JSON Lines and from Parquet."""
+    import datasets
+
+    from minicpm_finetune.data.templates import CHATML_TEMPLATE
+    from minicpm_finetune.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer(str(tmp_path / "tok"), ["q", "ok"], chat_template="chatml")
+    assert tokenizer.chat_template == CHATML_TEMPLATE
+    big = 123456789012345678901234567890
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {"n": big}}}]},
+        {"role": "tool", "content": "r"}, {"role": "assistant", "content": "ok"}],
+        "tools": [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {
+            "type": "object", "properties": {"n": {"type": "integer"}}}}}]}
+    jsonl = write_jsonl(tmp_path / "t.jsonl", [record])
+    rendered = tokenizer.decode(tokenize_dataset(load_conversations(jsonl), tokenizer, None)[0][0]["input_ids"])
+    assert f"f(n={big})" in rendered.replace(" ", "")
+    other = dict(record, messages=record["messages"][:1] + [dict(record["messages"][1], tool_calls=[
+        {"type": "function", "function": {"name": "g", "arguments": {"m": 1}}}])] + record["messages"][2:])
+    parquet = str(tmp_path / "t.parquet")  # two rows whose calls differ: one struct type holds both n and m
+    datasets.Dataset.from_list([dict(record, messages=[dict(m, tool_calls=[
+        {"type": "function", "function": {"name": "f", "arguments": {"n": 7}}}]) if "tool_calls" in m else m
+        for m in record["messages"]]), other]).to_parquet(parquet)
+    from_parquet = [example_of(row) for row in load_conversations(parquet)]
+    assert [m["tool_calls"][0]["function"]["arguments"] for m in (e["messages"][1] for e in from_parquet)] == [
+        {"n": 7}, {"m": 1}]  # no "m": None beside "n", no "n": None beside "m"
 
 
 def test_file_level_problems(tmp_path):
