@@ -37,6 +37,17 @@ class OutputDirError(FinetuneError):
     """The output folder cannot take this run; the message says why and what to do."""
 
 
+MAX_COUNT = 2**31 - 1  # token counts and lengths are 32-bit integers in Arrow and torch
+
+
+def check_count(flag: str, value) -> None:
+    """ArgumentError unless a count flag (a length, a number of tokens or samples) is None or 1..MAX_COUNT."""
+    if value is not None and value <= 0:
+        raise ArgumentError(f"{flag} must be positive, got {value}")
+    if value is not None and value > MAX_COUNT:
+        raise ArgumentError(f"{flag} must be at most {MAX_COUNT}, got {value}")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors raise ArgumentError (one line) instead of printing the whole usage."""
 

@@ -52,6 +52,22 @@ def _finite(value, where: str) -> None:
             _finite(item, where)
 
 
+def _check_parameters(parameters, where: str) -> None:
+    """A function's parameters as templates read them: a JSON schema object whose "properties" map names to
+    objects and whose "required" lists names."""
+    if parameters is None:
+        return
+    if not isinstance(parameters, dict):
+        raise ValueError(f'{where}: "parameters" must be a JSON schema object, got {type(parameters).__name__}')
+    properties = parameters.get("properties")
+    if properties is not None and not (isinstance(properties, dict)
+                                       and all(isinstance(spec, dict) for spec in properties.values())):
+        raise ValueError(f'{where}: "parameters"."properties" must map each name to a schema object')
+    required = parameters.get("required")
+    if required is not None and not (isinstance(required, list) and all(isinstance(n, str) for n in required)):
+        raise ValueError(f'{where}: "parameters"."required" must be a list of names')
+
+
 def normalise_tools(tools) -> list | None:
     tools = _json_value(tools, '"tools"')
     if tools in (None, [], ""):
@@ -66,6 +82,7 @@ def normalise_tools(tools) -> list | None:
         if function is not tool:
             _only_keys(tool, TOOL_KEYS, f"tool {i}")
         _only_keys(function, SCHEMA_KEYS, f"tool {i}")
+        _check_parameters(function.get("parameters"), f"tool {i}")
         _finite(function, f"tool {i}")
         out.append({"type": "function", "function": {k: v for k, v in function.items() if v is not None}})
     return out

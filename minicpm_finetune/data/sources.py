@@ -21,6 +21,9 @@ class DataError(FinetuneError):
     """Bad training data; the message names the file, the record and the problem."""
 
 
+TOO_DEEP = "nested too deeply to read (JSON objects and lists inside each other some thousand levels deep)"
+
+
 class _Unreadable(str):
     """A record that could not be parsed (the text says why)."""
 
@@ -159,6 +162,8 @@ def _jsonl_records(path: str):
                 yield number, _parse(line)
             except _DuplicateKey as e:
                 yield number, _Unreadable(str(e))
+            except RecursionError:
+                yield number, _Unreadable(TOO_DEEP)
             except json.JSONDecodeError as e:
                 if number == 1 and line.strip() == "{":
                     raise DataError(f"{path} holds records spread over several lines (pretty-printed JSON), not "
@@ -217,10 +222,10 @@ class _JsonArrayReader:
                 if end >= len(self.buffer) and not self.eof and self.more():  # a number may go on in the next block
                     continue
                 return obj, end
-            except _DuplicateKey as e:
+            except (_DuplicateKey, RecursionError) as e:
                 end = _skip_value(self.buffer, pos)
                 if end is not None:
-                    return _Unreadable(str(e)), end
+                    return _Unreadable(str(e) if isinstance(e, _DuplicateKey) else TOO_DEEP), end
                 if not self.more():
                     raise DataError(f"{self.path}:{self.line}: malformed JSON array") from None
             except json.JSONDecodeError as e:
@@ -275,6 +280,21 @@ def _skip_value(text: str, pos: int):
     try:
         return json.JSONDecoder().raw_decode(text, pos)[1]
     except json.JSONDecodeError:
+        return None
+    except RecursionError:  # too deep to parse: find its end by brackets, outside strings
+        depth, in_string, escaped = 0, False, False
+        for i in range(pos, len(text)):
+            char = text[i]
+            if in_string:
+                escaped, in_string = (not escaped and char == "\\"), in_string and (escaped or char != '"')
+            elif char == '"':
+                in_string = True
+            elif char in "[{":
+                depth += 1
+            elif char in "]}":
+                depth -= 1
+                if depth == 0:
+                    return i + 1
         return None
 
 

@@ -17,7 +17,8 @@ import json
 import os
 import sys
 
-from ..cli import ArgumentError, OneLineParser, check_output_path, command, load_error, looks_local, print_error
+from ..cli import (ArgumentError, OneLineParser, check_count, check_output_path, command, load_error, looks_local,
+                   print_error)
 
 
 def parse_args(argv=None):
@@ -72,8 +73,7 @@ def check_args(args) -> None:
     if args.input_file and not args.output_file:
         raise ArgumentError("--input_file needs --output_file")
     for name in ("batch_size", "max_new_tokens", "num_beams", "max_length"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise ArgumentError(f"--{name} must be positive, got {getattr(args, name)}")
+        check_count(f"--{name}", getattr(args, name))
     if args.max_length is not None and args.max_new_tokens >= args.max_length:
         raise ArgumentError(no_room_text(args))
     try:

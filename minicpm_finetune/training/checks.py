@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..cli import ArgumentError, check_output_path, looks_local
+from ..cli import ArgumentError, check_count, check_output_path, looks_local
 from ..evaluation.metrics import parse_metric_names
 from .outputs import SHAPE_KEYS
 
@@ -53,9 +53,7 @@ def check_data_arguments(data_args) -> None:
 def check_training_arguments(training_args) -> None:
     """The training flags on their own (TrainingArguments.__post_init__)."""
     for name in ("model_max_length", "eval_num_samples", "max_new_tokens"):
-        value = getattr(training_args, name)
-        if value is not None and value <= 0:
-            raise ArgumentError(f"--{name} must be positive, got {value}")
+        check_count(f"--{name}", getattr(training_args, name))
     if training_args.compile_layers:
         check_compile_layers(training_args)
     try:

@@ -308,6 +308,9 @@ def test_bad_records_are_named_by_file_and_line(tmp_path, line, problem):
         {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]},
      "message 2: tool call arguments holds nan: not a JSON number"),
     ("conversation", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "tools": [{"type": "function", "function": {"name": "f", "parameters": {"properties": ["city"]}}}]},
+     'tool 1: "parameters"."properties" must map each name to a schema object'),
+    ("conversation", {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
       "tools": [{"type": "function", "function": {"name": "f", "params": {}}}]},
      'tool 1: key "params" is not read (expected name, description, parameters, strict), its value would be lost'),
 ])
@@ -347,6 +350,19 @@ def test_tool_call_values_reach_the_template_as_written_from_json_and_parquet(tm
     from_parquet = [example_of(row) for row in load_conversations(parquet)]
     assert [m["tool_calls"][0]["function"]["arguments"] for m in (e["messages"][1] for e in from_parquet)] == [
         {"n": 7}, {"m": 1}]  # no "m": None beside "n", no "n": None beside "m"
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json"])
+def test_a_record_nested_too_deeply_is_named_and_the_others_read(tmp_path, layout):
+    """JSON inside JSON thousands of levels deep (Python's parser would raise RecursionError)."""
+    good = json.dumps({"prompt": "a", "response": "b"})
+    deep = '{"prompt": "a", "response": "b", "id": ' + "[" * 5000 + "]" * 5000 + "}"
+    path = tmp_path / f"deep.{layout}"
+    path.write_text("\n".join([good, deep, good]) + "\n" if layout == "jsonl" else f"[{good},\n{deep},\n{good}]",
+                    encoding="utf-8")
+    check = check_file(str(path))
+    assert check.good_count == 2 and len(check.problems) == 1
+    assert check.problems[0].startswith(f"{path}:2: nested too deeply to read"), check.problems
 
 
 def test_file_level_problems(tmp_path):

@@ -396,6 +396,8 @@ def main_without_model(monkeypatch):
 
 IMPOSSIBLE = [
     ("lora flag without lora", ["--lora_r", "4"], "--lora_r given without --use_lora"),
+    ("length beyond int32", ["--model_max_length", "2147483648"],
+     "--model_max_length must be at most 2147483647, got 2147483648"),
     ("deepspeed config missing", ["--deepspeed", "nowhere.json"], "--deepspeed nowhere.json: config file not found"),
     ("deepspeed config broken", ["--deepspeed", "{tmp}/broken.json"], "not valid JSON"),
     ("adapter as base model", ["--use_lora", "--model_name_or_path", "{tmp}/adapter"], "is already a LoRA adapter"),
