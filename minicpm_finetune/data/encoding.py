@@ -28,7 +28,7 @@ import numpy as np
 from ..cli import ArgumentError
 from .checks import example_of
 from .rendering import ChatRenderer, Rendered, TemplateError, _verification_conversations
-from .sources import _orjson, orjson_can_read
+from .sources import _location, _orjson, orjson_can_read
 
 IGNORE_INDEX = -100
 ENCODER_VERSION = "3"  # part of the tokenized cache key: bump when the ids or labels change
@@ -300,14 +300,27 @@ def _load_example(text: str) -> dict:
     return json.loads(text)
 
 
-def _encode_rows(batch, encoder, max_length):
-    """One batch as an Arrow table (built by the encoder in numpy), which datasets then writes as is."""
+def _encode_rows(batch, encoder, max_length, source):
+    """One batch as an Arrow table (built by the encoder in numpy), which datasets then writes as is. A chat
+    template that raises on a conversation (a user template's raise_exception) is one line naming the record."""
+    import jinja2
+
     # A batch allocates tens of thousands of small objects and no reference cycles: the cyclic collector
     # would only scan them again and again.
     collecting = gc.isenabled()
     gc.disable()
+    examples = [_load_example(text) for text in batch["example"]]
     try:
-        return encoder.encode_batch([_load_example(text) for text in batch["example"]], max_length)
+        return encoder.encode_batch(examples, max_length)
+    except jinja2.TemplateError:
+        positions = batch["position"] if "position" in batch else [None] * len(examples)
+        for example, position in zip(examples, positions):
+            try:
+                encoder.render(example["messages"], example.get("tools"))
+            except jinja2.TemplateError as e:
+                where = _location(source, position) if source and position is not None else source or "the data"
+                raise TemplateError(f"{where}: the chat template raised on this conversation: {e}") from None
+        raise
     finally:
         if collecting:
             gc.enable()
@@ -335,7 +348,7 @@ def tokenize_dataset(conversations, tokenizer, max_length: int | None, num_proc:
                                           remove_columns=conversations.column_names)
     key = json.dumps([conversations._fingerprint, tokenizer_fingerprint(tokenizer), max_length, ENCODER_VERSION])
     encoded = conversations.map(_encode_rows, batched=True, remove_columns=conversations.column_names,
-                                fn_kwargs={"encoder": encoder, "max_length": max_length},
+                                fn_kwargs={"encoder": encoder, "max_length": max_length, "source": source},
                                 features=datasets.Features.from_arrow_schema(encoded_schema()),
                                 num_proc=num_proc if num_proc and num_proc > 1 else None, desc="Tokenizing",
                                 new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])

@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from conftest import conversation, run, write_jsonl
+from conftest import QA, conversation, run, write_jsonl
 
 from minicpm_finetune.data import (IGNORE_INDEX, DataError, check_file, encode, example_of,
                                    load_conversations, read_records, to_messages, tokenize_dataset)
@@ -363,6 +363,19 @@ def test_a_record_nested_too_deeply_is_named_and_the_others_read(tmp_path, layou
     check = check_file(str(path))
     assert check.good_count == 2 and len(check.problems) == 1
     assert check.problems[0].startswith(f"{path}:2: nested too deeply to read"), check.problems
+
+
+def test_a_template_that_raises_on_a_record_is_one_line_naming_it(tmp_path, tiny_model):
+    """A user's Jinja template may refuse a conversation (raise_exception): its message and the record, one line."""
+    from minicpm_finetune.data.encoding import TemplateError
+
+    tokenizer = load_tokenizer(tiny_model)
+    apply_template(tokenizer, "{% if messages|length > 2 %}{{ raise_exception('one exchange only') }}{% endif %}"
+                              + MINICPM_TEMPLATE)
+    path = write_jsonl(tmp_path / "t.jsonl", [conversation(*QA[0]), {"messages": MULTI_TURN[1:]}])
+    with pytest.raises(TemplateError) as error:
+        tokenize_dataset(load_conversations(path), tokenizer, None, source=path)
+    assert str(error.value) == f"{path}:2: the chat template raised on this conversation: one exchange only"
 
 
 def test_file_level_problems(tmp_path):
