@@ -174,6 +174,11 @@ def _existing_ancestor(path: str) -> str:
 def check_output_path(path: str, flag: str = "--output_dir", folder: bool = True) -> None:
     """OutputDirError unless ``path`` is a folder (``folder``) or a file, or can be made as one, in a place
     this process can write in; ``flag`` names it in the message. Checked before anything is generated."""
+    try:  # a name from non-UTF-8 bytes (surrogate escapes): trained to the end, every saver would then refuse it
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutputDirError(f"{flag} {path.encode('utf-8', 'surrogateescape')!r}: the name is not valid UTF-8 "
+                             "(the files saved there could not be named); choose another") from None
     flag = f"{flag} {path}"
     if folder and os.path.exists(path) and not os.path.isdir(path):
         raise OutputDirError(f"{flag} is a file, not a folder")

@@ -86,6 +86,9 @@ device_args() {
 # already; $1 is lora or sft.
 prepare_demo() {
   DEMO_DIR=${DEMO_DIR:-output/demo}
+  if [[ -z "${MODEL_PATH:-}" || -z "${OUTPUT_DIR:-}" ]]; then  # the demo writes there: say so before any work
+    { mkdir -p "$DEMO_DIR" && [[ -w "$DEMO_DIR" ]]; } 2>/dev/null || die "DEMO_DIR $DEMO_DIR: cannot be created or written"
+  fi
   DATA_DIR=${DATA_DIR:-data/advertisegen_chat}
   if [[ ! -d "$DATA_DIR" ]]; then
     echo "demo: converting the sample data/advertisegen -> $DATA_DIR"

@@ -163,6 +163,8 @@ def read_config_file(path: str) -> dict:
                       else yaml.load(f, Loader=_yaml_loader()))  # noqa: S506 - a SafeLoader
     except _DuplicateKey as e:
         raise ArgumentError(f"{path}: {e} (only one value can count; keep one)") from None
+    except OSError as e:  # a file that cannot be read (permissions, an I/O error)
+        raise ArgumentError(f"{path}: cannot read ({e.strerror or e})") from None
     except (ValueError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ArgumentError(f"{path}: not valid {kind} ({' '.join(str(e).split())})") from None
     if values is None:

@@ -526,6 +526,24 @@ def test_bad_config_file_is_one_line_before_loading(tmp_path, data_dir, main_wit
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_a_config_file_that_cannot_be_read_is_one_line():
+    from minicpm_finetune.cli import ArgumentError
+    from minicpm_finetune.training.arguments import read_config_file
+
+    with pytest.raises(ArgumentError, match=r"^/proc/self/mem: cannot read \(Input/output error\)$"):
+        read_config_file("/proc/self/mem")  # a file whose read fails (EIO), as a disk error would
+
+
+@pytest.mark.slow
+def test_the_demo_checks_its_folder_before_any_work(tmp_path, data_dir):
+    (tmp_path / "a_file").write_text("not a folder")
+    demo_dir = tmp_path / "a_file" / "demo"
+    result = run(["bash", "lora_finetune.sh", "--demo"], env={"DEMO_DIR": str(demo_dir), "DATA_DIR": str(data_dir)})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: DEMO_DIR {demo_dir}: cannot be created or written"]
+    assert result.stdout == ""
+
+
 def test_deepspeed_configs_use_dynamic_fp16_loss_scaling():
     """fp16 (GPUs without bf16) needs loss scaling: every DeepSpeed config scales dynamically (loss_scale 0)."""
     configs = [os.path.join(ROOT, "configs", name) for name in os.listdir(os.path.join(ROOT, "configs"))

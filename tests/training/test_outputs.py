@@ -138,3 +138,11 @@ def test_overwrite_clears_the_old_run_and_keeps_other_files(tmp_path):
         "adapter_config.json", "adapter_model.safetensors", "checkpoint-2", "test_metrics.json", "trainer_state.json"]
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
     assert clear_previous_run(str(tmp_path / "missing")) == []
+
+
+def test_an_output_name_that_is_not_utf8_is_refused_before_any_work(tmp_path):
+    """Such a name (a shell's bytes, decoded with surrogate escapes) trained to the end, then no save could name
+    its files: the model was lost."""
+    name = os.fsdecode(os.fsencode(str(tmp_path)) + b"/out\xff")
+    with pytest.raises(OutputDirError, match=r"^--output_dir b'.*/out\\xff': the name is not valid UTF-8"):
+        check_output_path(name)
