@@ -10,6 +10,7 @@ so memory does not grow with the data. One report lists the first 20 problems of
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import json
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..cli import atomic_path
+from ..cli import atomic_path, check_output_path
 from . import formats as registry
 from .sources import _SERIALISER, DataError, _arrow_source, _location, _orjson, read_records, record_is_unreadable
 
@@ -175,12 +176,19 @@ def check_file(path: str, data_format: str = "auto", kind: str = "sft", prompts:
     fingerprint = hashlib.sha256(json.dumps([CHECK_VERSION, _SERIALISER, _source_identity(path), data_format, kind,
                                              prompts])
                                  .encode("utf-8")).hexdigest()[:32]
-    cache = os.path.join(datasets.config.HF_DATASETS_CACHE, "minicpm_finetune", f"checked-{fingerprint}.arrow")
+    folder = os.path.join(datasets.config.HF_DATASETS_CACHE, "minicpm_finetune")
+    cache = os.path.join(folder, f"checked-{fingerprint}.arrow")
     if not os.path.exists(cache):
+        check_output_path(folder, "the datasets cache (HF_DATASETS_CACHE)")  # before reading a large file
         collecting = gc.isenabled()
         gc.disable()  # many small objects, no cycles (see _encode_rows)
         try:
             _write_checked(cache, _checked_rows(path, data_format, kind, prompts))
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+                raise
+            raise DataError(f"{path}: cannot write the checked data into the datasets cache {folder} ({e.strerror}); "
+                            "free some space there, or set HF_DATASETS_CACHE to another disk") from None
         finally:
             if collecting:
                 gc.enable()

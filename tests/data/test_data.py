@@ -569,3 +569,27 @@ def test_a_hub_name_is_loaded_through_datasets_and_fails_in_one_line_offline(mon
         parse_args(["--model_name_or_path", "x/y", "--train_data_path", "owner/train-set",
                     "--eval_data_path", "owner/dev-set", "--output_dir", "/tmp/unused", "--use_cpu",
                     "--preprocessing_num_workers", "0"])
+
+
+def test_the_datasets_cache_is_checked_before_the_data_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import datasets
+
+    from minicpm_finetune.cli import OutputDirError
+    from minicpm_finetune.data import checks
+
+    path = write_jsonl(tmp_path / "d.jsonl", [conversation("你好", "好的")])
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "a_file" / "cache"))
+    with pytest.raises(OutputDirError, match=r"^the datasets cache \(HF_DATASETS_CACHE\) .*a_file is a file"):
+        check_file(path)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checks, "_write_checked", full)  # as writing on a full disk fails
+    with pytest.raises(DataError, match=r"d.jsonl: cannot write the checked data into the datasets cache .*cache/"
+                                        r"minicpm_finetune \(No space left on device\); free some space there"):
+        check_file(path)
