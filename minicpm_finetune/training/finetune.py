@@ -30,8 +30,8 @@ from minicpm_finetune.training.outputs import (check_output_dir, clear_previous_
                                       save_final_model, unlock_output_dir)
 from minicpm_finetune.evaluation.prompts import eval_samples
 from minicpm_finetune.evaluation.results import save_metrics, save_predictions
-from minicpm_finetune.training.safety import (NonFiniteLossError, ProcessReport, StopOnSignal, checkpoint_step,
-                                     latest_checkpoint, resolve_resume)
+from minicpm_finetune.training.safety import (AlreadyTrained, NonFiniteLossError, NothingLeftToTrain, ProcessReport,
+                                              StopOnSignal, checkpoint_step, latest_checkpoint, resolve_resume)
 from minicpm_finetune.training.trainer import MiniCPMTrainer
 
 
@@ -59,9 +59,14 @@ def train_and_save(trainer, training_args, finish) -> None:
     saved = False
     signals = StopOnSignal()
     trainer.add_callback(signals)
+    trainer.add_callback(NothingLeftToTrain())
     with signals.installed():
         try:  # resume_from_checkpoint: a complete checkpoint folder (main resolves "true"/"latest")
-            trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+            try:
+                trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+            except AlreadyTrained as e:  # the checkpoint is the final model: save it whole, then evaluate
+                if trainer.is_world_process_zero():
+                    print(f"{e}; saving it as the final model")
             # LoRA: the adapter; full: the whole model (gathered under ZeRO-3); both + tokenizer. Staged and
             # moved in, config last: a kill during the save leaves no config beside partial weights.
             save_final_model(trainer)

@@ -117,6 +117,20 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     return value
 
 
+class AlreadyTrained(Exception):
+    """The checkpoint resumed from is at (or past) the last step: nothing is left to train."""
+
+
+class NothingLeftToTrain(TrainerCallback):
+    """Resumed at max_steps (a stop during the final save), the Trainer would train one step more: it checks for
+    the end after each step, and max_steps that is not a whole number of epochs leaves the loop running. Stop
+    before the first step instead, with the checkpoint's weights (and optimizer) already loaded."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise AlreadyTrained(f"resumed at step {state.global_step} of {state.max_steps}: nothing left to train")
+
+
 class NonFiniteLossGuard:
     """Trainer mixin: stop with NonFiniteLossError when any process sees a NaN/inf loss.
 

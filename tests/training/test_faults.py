@@ -335,6 +335,28 @@ def test_kill_and_resume_reaches_the_same_weights_and_losses(tmp_path, tiny_mode
     assert all(abs(losses[s] - resumed_losses[s]) <= 1e-6 for s in losses)
 
 
+@pytest.mark.slow
+def test_a_resume_at_the_last_step_trains_nothing_more(tmp_path, tiny_model, data_dir):
+    """A stop during the final save leaves the last checkpoint at max_steps; the recommended resume must save
+    it and evaluate, not train step max_steps + 1 (max_steps 3 is not a whole number of 8-step epochs)."""
+    train = write_jsonl(tmp_path / "train.jsonl", [conversation(q, a) for q, a in QA] * 4)
+    args = ["--max_steps", 3, "--save_steps", 3, "--per_device_train_batch_size", 2, "--learning_rate", 1e-3,
+            "--seed", 7, "--eval_strategy", "no", "--eval_generation", "false"]
+    out = tmp_path / "out"
+    assert run(finetune_cmd(tiny_model, train, data_dir / "dev.jsonl", out, *args)).returncode == 0
+    for name in ("model.safetensors", "config.json", "trainer_state.json", "test_metrics.json"):
+        os.remove(out / name)  # as if the run had stopped while saving the final model
+    resumed = run(finetune_cmd(tiny_model, train, data_dir / "dev.jsonl", out, *args,
+                               "--resume_from_checkpoint", "true"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 3 of 3: nothing left to train; saving it as the final model" in resumed.stdout
+    with open(out / "trainer_state.json") as f:
+        assert json.load(f)["global_step"] == 3
+    a, b = read_weights(out), read_weights(out / "checkpoint-3")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert (out / "test_metrics.json").is_file()  # and evaluated
+
+
 # --------------------------------------------------------------------------- 4. numerical faults
 
 
