@@ -157,10 +157,11 @@ def load_model(args):
     return model.to(device).eval()
 
 
-def read_samples(path: str, data_format: str, every_turn: bool):
+def read_samples(path: str, data_format: str, every_turn: bool, tokenizer=None):
     """(prompt messages, reference) pairs from a data file, and the record number of each (for messages);
     a file of prompts only, i.e. records of a training format without their final reply, gives
-    references None."""
+    references None. With ``tokenizer``, a reply that makes tool calls is referenced as the template writes
+    it (``prompts.eval_samples``)."""
     from ..data import DataError, check_file, example_of, load_conversations
     from .prompts import Prompt, eval_samples
 
@@ -181,7 +182,7 @@ def read_samples(path: str, data_format: str, every_turn: bool):
             tools = example.get("tools")
             pairs = [(Prompt(example["messages"], tools) if tools else example["messages"], None)]
         else:
-            pairs = eval_samples([row], every_turn)
+            pairs = eval_samples([row], every_turn, tokenizer)
         samples += pairs
         numbers += [row["position"]] * len(pairs)
     return samples, numbers
@@ -342,7 +343,7 @@ def main(argv=None) -> int:
     fit_max_length(args, config, tokenizer)
     # Prompts are checked before the weights load, so a bad one is reported at once.
     if args.input_file:
-        samples, numbers = read_samples(args.input_file, args.data_format, args.every_turn)
+        samples, numbers = read_samples(args.input_file, args.data_format, args.every_turn, tokenizer)
         prompts = fit_file_prompts(tokenizer, samples, numbers, args)
     elif args.prompt is not None:
         messages = one_prompt(tokenizer, args)

@@ -28,10 +28,11 @@ class Prompt(list):
         self.tools = tools
 
 
-def eval_samples(conversations, every_turn: bool = False) -> list[tuple[list[dict], str]]:
+def eval_samples(conversations, every_turn: bool = False, tokenizer=None) -> list[tuple[list[dict], str]]:
     """(prompt messages, reference) pairs: the conversation up to its last assistant turn and that reply,
     or, with ``every_turn``, one pair per assistant turn. A conversation with tools gives ``Prompt``s
-    that carry them.
+    that carry them. A reply that makes tool calls is, with ``tokenizer``, the text the chat template gives
+    that turn (calls included), read as a generated reply is (``reply_text``); else its content alone.
 
     ``conversations`` holds message lists, ``{"messages": [...]}`` records or rows of
     ``data.load_conversations`` (a ``datasets.Dataset`` works).
@@ -45,8 +46,19 @@ def eval_samples(conversations, every_turn: bool = False) -> list[tuple[list[dic
         replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         for i in replies if every_turn else replies[-1:]:
             prompt = Prompt(messages[:i], tools) if tools else list(messages[:i])
-            samples.append((prompt, messages[i]["content"]))
+            calls = tokenizer is not None and messages[i].get("tool_calls")
+            samples.append((prompt, reply_text(tokenizer, prompt, messages[i]) if calls else messages[i]["content"]))
     return samples
+
+
+def reply_text(tokenizer, prompt: list[dict], reply: dict) -> str:
+    """An assistant turn as the model would write it: the tokens the chat template gives it after ``prompt``
+    (what training learns), read back as ``decode_reply`` reads generated ones."""
+    from ..data.encoding import IGNORE_INDEX, encode
+
+    row = encode(tokenizer, list(prompt) + [reply], tools=getattr(prompt, "tools", None))
+    learned = [token for token, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
+    return decode_reply(tokenizer, learned, stop_token_ids(tokenizer))
 
 
 # --------------------------------------------------------------------------- prompts within the context

@@ -130,7 +130,7 @@ def prepare_data(data_args, training_args, tokenizer):
             datasets[name], stats = tokenize_dataset(conversations, tokenizer, training_args.model_max_length,
                                                      data_args.preprocessing_num_workers, source=path)
             if name != "train":
-                samples[name] = eval_samples(conversations, training_args.eval_every_turn)
+                samples[name] = eval_samples(conversations, training_args.eval_every_turn, tokenizer)
             if training_args.process_index == 0:
                 print(stats.summary(f"{name} ({path})"))
             if not len(datasets[name]):

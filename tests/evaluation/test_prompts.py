@@ -76,3 +76,20 @@ def test_streamer_writes_only_text_that_cannot_change_and_ends_with_the_reply(to
     assert pieces == ["你好", " 𠀀好"]
     assert written[1:6] == ["你好"] * 5  # nothing of the space and the byte run before 好 arrives
     assert "".join(pieces) == decode_reply(tokenizer, generated, stop)
+
+
+def test_a_tool_call_reply_is_scored_against_the_call_the_template_writes(tiny_chatml_model):
+    """Its content is empty: scored against that, an empty reply would be right and the right call wrong."""
+    from minicpm_finetune.data.formats import FORMATS
+    from minicpm_finetune.evaluation.metrics import compute_metrics
+
+    example = FORMATS["conversation"].convert(FORMATS["conversation"].example)
+    call_turn = next(i for i, m in enumerate(example["messages"]) if m.get("tool_calls"))
+    conversation = {"messages": example["messages"][:call_turn + 1], "tools": example["tools"]}
+    tokenizer = load_tokenizer(tiny_chatml_model)
+    (prompt, plain), = eval_samples([conversation])
+    (_, reference), = eval_samples([conversation], tokenizer=tokenizer)
+    assert plain == "" and prompt.tools == example["tools"]
+    assert 'get_weather(city="北京")' in reference.replace(" ", "")  # the call, as the template writes it
+    assert compute_metrics([reference], [reference], ("accuracy",))["accuracy"] == 100.0
+    assert compute_metrics([""], [reference], ("accuracy",))["accuracy"] == 0.0
