@@ -300,6 +300,10 @@ def _load_example(text: str) -> dict:
     return json.loads(text)
 
 
+def _where(source: str | None, position) -> str:
+    return _location(source, position) if source and position is not None else source or "the data"
+
+
 def _encode_rows(batch, encoder, max_length, source):
     """One batch as an Arrow table (built by the encoder in numpy), which datasets then writes as is. A chat
     template that raises on a conversation (a user template's raise_exception) is one line naming the record."""
@@ -310,16 +314,23 @@ def _encode_rows(batch, encoder, max_length, source):
     collecting = gc.isenabled()
     gc.disable()
     examples = [_load_example(text) for text in batch["example"]]
+    positions = batch["position"] if "position" in batch else [None] * len(examples)
+    if not encoder.renders_names:  # a name the template does not write would be lost without a word
+        for example, position in zip(examples, positions):
+            named = next((i for i, m in enumerate(example["messages"], 1) if "name" in m), None)
+            if named is not None:
+                raise TemplateError(f'{_where(source, position)}: message {named} has a "name", but the chat '
+                                    "template does not render names (its text would be lost); drop it, or use a "
+                                    "template that renders it")
     try:
         return encoder.encode_batch(examples, max_length)
     except jinja2.TemplateError:
-        positions = batch["position"] if "position" in batch else [None] * len(examples)
         for example, position in zip(examples, positions):
             try:
                 encoder.render(example["messages"], example.get("tools"))
             except jinja2.TemplateError as e:
-                where = _location(source, position) if source and position is not None else source or "the data"
-                raise TemplateError(f"{where}: the chat template raised on this conversation: {e}") from None
+                raise TemplateError(f"{_where(source, position)}: the chat template raised on this conversation: "
+                                    f"{e}") from None
         raise
     finally:
         if collecting:

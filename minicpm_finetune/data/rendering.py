@@ -56,6 +56,7 @@ class ChatRenderer:
         self.end_of_turn = end_of_turn_token(tokenizer)
         self.blocks = self._probe_blocks()
         self.renders_tools = self._probe_tools()
+        self.renders_names = self._probe_names()
 
     def _jinja(self, messages, tools=None, generation_prompt=False) -> str:
         return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
@@ -194,6 +195,15 @@ class ChatRenderer:
         except Exception:  # noqa: BLE001
             return False
         return all(s in text for s in ("probe_function_x", "probe_call_y", "probe_arg_z", "probe_result_w"))
+
+
+    def _probe_names(self) -> bool:
+        """Whether the template renders a message's ``name`` (OpenAI's field for who speaks, or which tool)."""
+        messages = [{"role": "user", "content": "q", "name": "probe_name_v"}, {"role": "assistant", "content": "a"}]
+        try:
+            return "probe_name_v" in self._jinja(messages)
+        except Exception:  # noqa: BLE001
+            return False
 
 
 def _verification_conversations():

@@ -378,6 +378,27 @@ def test_a_template_that_raises_on_a_record_is_one_line_naming_it(tmp_path, tiny
     assert str(error.value) == f"{path}:2: the chat template raised on this conversation: one exchange only"
 
 
+def test_a_name_the_template_does_not_render_is_one_line_naming_the_record(tmp_path, tokenizer):
+    """OpenAI's "name" (who speaks, or which tool answered) is kept only by templates that write it."""
+    from minicpm_finetune.data.encoding import TemplateError, get_encoder
+
+    assert not get_encoder(tokenizer).renders_names  # neither bundled template writes names
+    named = {"messages": [{"role": "user", "content": "你好", "name": "小明"}, {"role": "assistant", "content": "好"}]}
+    path = write_jsonl(tmp_path / "n.jsonl", [conversation(*QA[0]), named])
+    with pytest.raises(TemplateError, match=r'n.jsonl:2: message 1 has a "name", but the chat template does not '
+                                            r"render names \(its text would be lost\)"):
+        tokenize_dataset(load_conversations(path), tokenizer, None, source=path)
+    with_names = tokenizer.chat_template.replace("message['content']", "(message['name'] ~ ': ' if message['name'] "
+                                                 "is defined else '') ~ message['content']")
+    try:  # a template that writes names trains on them
+        apply_template(tokenizer, with_names)
+        assert get_encoder(tokenizer).renders_names
+        dataset, _ = tokenize_dataset(load_conversations(path), tokenizer, None, source=path)
+        assert "小明: 你好" in tokenizer.decode(dataset[1]["input_ids"]).replace(" ", "").replace(":", ": ")
+    finally:
+        apply_template(tokenizer, CHATML_TEMPLATE if "im_start" in tokenizer.chat_template else MINICPM_TEMPLATE)
+
+
 def test_file_level_problems(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         check_file(str(tmp_path / "missing.jsonl"))
