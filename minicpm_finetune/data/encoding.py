@@ -16,6 +16,7 @@ without such text tokenizes exactly as the whole rendered text does (the encoder
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import json
@@ -28,7 +29,7 @@ import numpy as np
 from ..cli import ArgumentError
 from .checks import example_of
 from .rendering import ChatRenderer, Rendered, TemplateError, _verification_conversations
-from .sources import _location, _orjson, orjson_can_read
+from .sources import DataError, _location, _orjson, orjson_can_read
 
 IGNORE_INDEX = -100
 ENCODER_VERSION = "3"  # part of the tokenized cache key: bump when the ids or labels change
@@ -283,11 +284,13 @@ class EncodeStats:
     truncated: int
     skipped: int
     lengths: object  # numpy array, before truncation, to help choose model_max_length
+    refused: int = 0  # conversations the chat template raised on, dropped with skip_bad_samples
 
     def summary(self, name: str) -> str:
         lengths = np.asarray(self.lengths) if len(self.lengths) else np.zeros(1)
+        refused = f", {self.refused} refused by the chat template" if self.refused else ""
         return (f"{name}: {self.samples} samples, {self.tokens} tokens, {self.learned_tokens} learned; "
-                f"{self.truncated} truncated, {self.skipped} skipped (nothing left to learn); "
+                f"{self.truncated} truncated, {self.skipped} skipped (nothing left to learn){refused}; "
                 f"length before truncation min/median/p95/max = {int(lengths.min())}/{int(np.median(lengths))}/"
                 f"{int(np.percentile(lengths, 95))}/{int(lengths.max())}")
 
@@ -304,9 +307,10 @@ def _where(source: str | None, position) -> str:
     return _location(source, position) if source and position is not None else source or "the data"
 
 
-def _encode_rows(batch, encoder, max_length, source):
+def _encode_rows(batch, encoder, max_length, source, skip_bad_samples=False):
     """One batch as an Arrow table (built by the encoder in numpy), which datasets then writes as is. A chat
-    template that raises on a conversation (a user template's raise_exception) is one line naming the record."""
+    template that raises on a conversation (a user template's raise_exception) is one line naming the record;
+    with ``skip_bad_samples`` the conversation is dropped (said, and counted by tokenize_dataset)."""
     import jinja2
 
     # A batch allocates tens of thousands of small objects and no reference cycles: the cyclic collector
@@ -325,20 +329,25 @@ def _encode_rows(batch, encoder, max_length, source):
     try:
         return encoder.encode_batch(examples, max_length)
     except jinja2.TemplateError:
+        kept = []
         for example, position in zip(examples, positions):
             try:
                 encoder.render(example["messages"], example.get("tools"))
             except jinja2.TemplateError as e:
-                raise TemplateError(f"{_where(source, position)}: the chat template raised on this conversation: "
-                                    f"{e}") from None
-        raise
+                problem = f"{_where(source, position)}: the chat template raised on this conversation: {e}"
+                if not skip_bad_samples:
+                    raise TemplateError(problem) from None
+                print(f"warning: skipping {problem}")
+                continue
+            kept.append(example)
+        return encoder.encode_batch(kept, max_length)
     finally:
         if collecting:
             gc.enable()
 
 
 def tokenize_dataset(conversations, tokenizer, max_length: int | None, num_proc: int | None = None,
-                     source: str | None = None):
+                     source: str | None = None, skip_bad_samples: bool = False):
     """Map loaded conversations to input_ids/labels in batches (cached), drop unlearnable samples.
 
     The cache key is the data's fingerprint, the tokenizer (vocabulary, special tokens, chat template)
@@ -357,12 +366,21 @@ def tokenize_dataset(conversations, tokenizer, max_length: int | None, num_proc:
     if "example" not in conversations.column_names:  # message lists (e.g. built in code)
         conversations = conversations.map(lambda row: {"example": json.dumps(example_of(row), ensure_ascii=False)},
                                           remove_columns=conversations.column_names)
-    key = json.dumps([conversations._fingerprint, tokenizer_fingerprint(tokenizer), max_length, ENCODER_VERSION])
-    encoded = conversations.map(_encode_rows, batched=True, remove_columns=conversations.column_names,
-                                fn_kwargs={"encoder": encoder, "max_length": max_length, "source": source},
-                                features=datasets.Features.from_arrow_schema(encoded_schema()),
-                                num_proc=num_proc if num_proc and num_proc > 1 else None, desc="Tokenizing",
-                                new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])
+    key = json.dumps([conversations._fingerprint, tokenizer_fingerprint(tokenizer), max_length, ENCODER_VERSION,
+                      skip_bad_samples])
+    try:
+        encoded = conversations.map(_encode_rows, batched=True, remove_columns=conversations.column_names,
+                                    fn_kwargs={"encoder": encoder, "max_length": max_length, "source": source,
+                                               "skip_bad_samples": skip_bad_samples},
+                                    features=datasets.Features.from_arrow_schema(encoded_schema()),
+                                    num_proc=num_proc if num_proc and num_proc > 1 else None, desc="Tokenizing",
+                                    new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+            raise
+        raise DataError(f"{source or 'the data'}: cannot write the tokenized data into the datasets cache "
+                        f"{datasets.config.HF_DATASETS_CACHE} ({e.strerror}); free some space there, or set "
+                        "HF_DATASETS_CACHE to another disk") from None
     table = encoded.data
     learned = table.column("num_learned").to_numpy()
     keep = learned > 0
@@ -373,6 +391,7 @@ def tokenize_dataset(conversations, tokenizer, max_length: int | None, num_proc:
         truncated=int(pc.sum(table.column("truncated")).as_py() or 0),
         skipped=int((~keep).sum()),
         lengths=table.column("full_length").to_numpy(),
+        refused=len(conversations) - table.num_rows,
     )
     if not keep.all():
         encoded = encoded.select(np.flatnonzero(keep))

@@ -92,7 +92,8 @@ def main(argv=None) -> int:
         return preview_pairs(tokenizer, args.data, args.model_max_length, args.skip_bad_samples)
     conversations = load_conversations(args.data, args.data_format, args.skip_bad_samples)
     dataset, stats = tokenize_dataset(conversations, tokenizer, args.model_max_length,
-                                      args.preprocessing_num_workers, source=args.data)
+                                      args.preprocessing_num_workers, source=args.data,
+                                      skip_bad_samples=args.skip_bad_samples)
     print(stats.summary(args.data))
     if len(dataset):
         first = dataset[0]

@@ -128,7 +128,8 @@ def prepare_data(data_args, training_args, tokenizer):
             conversations = load_conversations(path, data_args.data_format, data_args.skip_bad_samples, log,
                                                check=checks[name])
             datasets[name], stats = tokenize_dataset(conversations, tokenizer, training_args.model_max_length,
-                                                     data_args.preprocessing_num_workers, source=path)
+                                                     data_args.preprocessing_num_workers, source=path,
+                                                     skip_bad_samples=data_args.skip_bad_samples)
             if name != "train":
                 samples[name] = eval_samples(conversations, training_args.eval_every_turn, tokenizer)
             if training_args.process_index == 0:

@@ -365,7 +365,7 @@ def test_a_record_nested_too_deeply_is_named_and_the_others_read(tmp_path, layou
     assert check.problems[0].startswith(f"{path}:2: nested too deeply to read"), check.problems
 
 
-def test_a_template_that_raises_on_a_record_is_one_line_naming_it(tmp_path, tiny_model):
+def test_a_template_that_raises_on_a_record_is_one_line_naming_it(tmp_path, tiny_model, capsys):
     """A user's Jinja template may refuse a conversation (raise_exception): its message and the record, one line."""
     from minicpm_finetune.data.encoding import TemplateError
 
@@ -376,6 +376,10 @@ def test_a_template_that_raises_on_a_record_is_one_line_naming_it(tmp_path, tiny
     with pytest.raises(TemplateError) as error:
         tokenize_dataset(load_conversations(path), tokenizer, None, source=path)
     assert str(error.value) == f"{path}:2: the chat template raised on this conversation: one exchange only"
+    # --skip_bad_samples: that conversation is dropped, said and counted; the others train.
+    dataset, stats = tokenize_dataset(load_conversations(path), tokenizer, None, source=path, skip_bad_samples=True)
+    assert len(dataset) == 1 and stats.refused == 1 and "1 refused by the chat template" in stats.summary("t")
+    assert f"warning: skipping {path}:2: the chat template raised on this conversation" in capsys.readouterr().out
 
 
 def test_a_name_the_template_does_not_render_is_one_line_naming_the_record(tmp_path, tokenizer):
@@ -592,7 +596,7 @@ def test_a_hub_name_is_loaded_through_datasets_and_fails_in_one_line_offline(mon
                     "--preprocessing_num_workers", "0"])
 
 
-def test_the_datasets_cache_is_checked_before_the_data_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
+def test_the_datasets_cache_is_checked_before_the_data_and_a_full_disk_is_one_line(tmp_path, monkeypatch, tiny_model):
     import errno
 
     import datasets
@@ -607,10 +611,16 @@ def test_the_datasets_cache_is_checked_before_the_data_and_a_full_disk_is_one_li
         check_file(path)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
 
-    def full(*args):
+    def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(checks, "_write_checked", full)  # as writing on a full disk fails
     with pytest.raises(DataError, match=r"d.jsonl: cannot write the checked data into the datasets cache .*cache/"
                                         r"minicpm_finetune \(No space left on device\); free some space there"):
         check_file(path)
+    monkeypatch.undo()
+    conversations = load_conversations(path)
+    monkeypatch.setattr(datasets.Dataset, "map", full)  # then the tokenized set
+    with pytest.raises(DataError, match=r"d.jsonl: cannot write the tokenized data into the datasets cache .*"
+                                        r"\(No space left on device\); free some space there"):
+        tokenize_dataset(conversations, load_tokenizer(tiny_model), None, source=path)
