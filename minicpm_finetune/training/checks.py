@@ -15,6 +15,9 @@ from .outputs import SHAPE_KEYS
 
 
 LORA_FLAGS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+# What SFT's generation-based evaluation reads (DPO reports rewards instead).
+GENERATION_FLAGS = ("eval_num_samples", "eval_every_turn", "max_new_tokens", "generation_num_beams", "do_sample",
+                    "temperature", "top_p", "eval_metrics")
 
 
 def check_model_arguments(model_args) -> None:
@@ -315,6 +318,11 @@ def check_dpo(data_args, training_args) -> None:
         raise ArgumentError("--packing does not apply to --stage dpo (chosen and rejected are batched as pairs)")
     if training_args.early_stopping_patience:
         raise ArgumentError("--early_stopping_patience does not apply to --stage dpo (it would be ignored)")
+    defaults = type(training_args).__dataclass_fields__
+    for name in GENERATION_FLAGS:  # set away from its default: the user expects it to do something
+        if getattr(training_args, name) != defaults[name].default:
+            raise ArgumentError(f"--{name} does not apply to --stage dpo (no reply is generated: DPO evaluates "
+                                "by rewards)")
     if data_args.data_format != "auto":
         raise ArgumentError("--data_format names SFT formats; preference formats are detected (--stage dpo)")
 

@@ -51,9 +51,11 @@ def test_metric_choice():
     (["--stage", "dpo", "--packing"], "--packing does not apply to --stage dpo"),
     (["--stage", "dpo", "--early_stopping_patience", "2", "--load_best_model_at_end", "true", "--eval_strategy",
       "steps", "--save_strategy", "steps"], "--early_stopping_patience does not apply to --stage dpo"),
+    (["--stage", "dpo", "--max_new_tokens", "64"], "--max_new_tokens does not apply to --stage dpo (no reply is "
+                                                   "generated: DPO evaluates by rewards)"),
     (["--stage", "dpo", "--data_format", "conversation"], "--data_format names SFT formats"),
 ], ids=["unknown_metric", "no_metric", "dpo_beta", "sft_loss_weight", "dpo_packing", "dpo_early_stopping",
-        "dpo_data_format"])
+        "dpo_generation_flag", "dpo_data_format"])
 def test_impossible_metric_and_dpo_arguments_are_one_line(tmp_path, tiny_model, data_dir, argv, message):
     base = ["--model_name_or_path", tiny_model, "--train_data_path", str(data_dir / "train.jsonl"),
             "--eval_data_path", str(data_dir / "dev.jsonl"), "--output_dir", str(tmp_path / "out"), "--use_cpu"]
