@@ -317,30 +317,31 @@ def _encode_rows(batch, encoder, max_length, source, skip_bad_samples=False):
     # would only scan them again and again.
     collecting = gc.isenabled()
     gc.disable()
-    examples = [_load_example(text) for text in batch["example"]]
-    positions = batch["position"] if "position" in batch else [None] * len(examples)
-    if not encoder.renders_names:  # a name the template does not write would be lost without a word
-        for example, position in zip(examples, positions):
-            named = next((i for i, m in enumerate(example["messages"], 1) if "name" in m), None)
-            if named is not None:
-                raise TemplateError(f'{_where(source, position)}: message {named} has a "name", but the chat '
-                                    "template does not render names (its text would be lost); drop it, or use a "
-                                    "template that renders it")
-    try:
-        return encoder.encode_batch(examples, max_length)
-    except jinja2.TemplateError:
-        kept = []
-        for example, position in zip(examples, positions):
-            try:
-                encoder.render(example["messages"], example.get("tools"))
-            except jinja2.TemplateError as e:
-                problem = f"{_where(source, position)}: the chat template raised on this conversation: {e}"
-                if not skip_bad_samples:
-                    raise TemplateError(problem) from None
-                print(f"warning: skipping {problem}")
-                continue
-            kept.append(example)
-        return encoder.encode_batch(kept, max_length)
+    try:  # every exit, a refused record's too, turns the collector back on
+        examples = [_load_example(text) for text in batch["example"]]
+        positions = batch["position"] if "position" in batch else [None] * len(examples)
+        if not encoder.renders_names:  # a name the template does not write would be lost without a word
+            for example, position in zip(examples, positions):
+                named = next((i for i, m in enumerate(example["messages"], 1) if "name" in m), None)
+                if named is not None:
+                    raise TemplateError(f'{_where(source, position)}: message {named} has a "name", but the chat '
+                                        "template does not render names (its text would be lost); drop it, or "
+                                        "use a template that renders it")
+        try:
+            return encoder.encode_batch(examples, max_length)
+        except jinja2.TemplateError:
+            kept = []
+            for example, position in zip(examples, positions):
+                try:
+                    encoder.render(example["messages"], example.get("tools"))
+                except jinja2.TemplateError as e:
+                    problem = f"{_where(source, position)}: the chat template raised on this conversation: {e}"
+                    if not skip_bad_samples:
+                        raise TemplateError(problem) from None
+                    print(f"warning: skipping {problem}")
+                    continue
+                kept.append(example)
+            return encoder.encode_batch(kept, max_length)
     finally:
         if collecting:
             gc.enable()

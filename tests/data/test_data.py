@@ -392,6 +392,9 @@ def test_a_name_the_template_does_not_render_is_one_line_naming_the_record(tmp_p
     with pytest.raises(TemplateError, match=r'n.jsonl:2: message 1 has a "name", but the chat template does not '
                                             r"render names \(its text would be lost\)"):
         tokenize_dataset(load_conversations(path), tokenizer, None, source=path)
+    import gc
+
+    assert gc.isenabled()  # the encoder turns the collector off for a batch, and back on when it refuses one
     with_names = tokenizer.chat_template.replace("message['content']", "(message['name'] ~ ': ' if message['name'] "
                                                  "is defined else '') ~ message['content']")
     try:  # a template that writes names trains on them
