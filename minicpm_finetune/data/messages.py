@@ -81,7 +81,7 @@ def normalise_tools(tools) -> list | None:
             raise ValueError(f'tool {i}: expected {{"type": "function", "function": {{"name": ..., ...}}}}')
         if function is not tool:
             _only_keys(tool, TOOL_KEYS, f"tool {i}")
-        _only_keys(function, SCHEMA_KEYS, f"tool {i}")
+        _only_keys(function, SCHEMA_KEYS + (("type",) if function is tool else ()), f"tool {i}")  # flat form
         _check_parameters(function.get("parameters"), f"tool {i}")
         _finite(function, f"tool {i}")
         out.append({"type": "function", "function": {k: v for k, v in function.items() if v is not None}})

@@ -322,6 +322,16 @@ def test_bad_records_of_every_format(tmp_path, name, bad, problem):
     assert check.problems == [f"{path}:2: " + check.problems[0].split(": ", 1)[1]] and problem in check.problems[0]
 
 
+def test_tool_schemas_in_the_flat_form_keep_being_read():
+    """{"type": "function", "name": ...} without the "function" wrapper: its "type" is read, not lost."""
+    from minicpm_finetune.data.messages import normalise_tools
+
+    flat = {"type": "function", "name": "f", "description": "d", "parameters": {"type": "object"}}
+    (tool,) = normalise_tools([flat])  # accepted (refusing "type" would refuse a common form)
+    assert tool["type"] == "function" and tool["function"]["name"] == "f"
+    assert tool["function"]["parameters"] == {"type": "object"}
+
+
 def test_tool_call_values_reach_the_template_as_written_from_json_and_parquet(tmp_path):
     """An integer beyond 64 bits stays exact (orjson cannot hold it), and Parquet's struct columns add no null
     fields that were never in the data: the rendered text is the same from JSON Lines and from Parquet."""
