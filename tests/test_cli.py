@@ -16,7 +16,7 @@ from minicpm_finetune.cli import ArgumentError, FinetuneError, atomic_path, comm
 def test_the_project_errors_share_one_base():
     from minicpm_finetune.advertisegen import AdvertiseGenDataError
     from minicpm_finetune.data import DataError
-    from minicpm_finetune.data.encoding import TemplateError
+    from minicpm_finetune.data.rendering import TemplateError
     from minicpm_finetune.export import ExportError
     from minicpm_finetune.cli import OutputDirError
     from minicpm_finetune.training.safety import NonFiniteLossError

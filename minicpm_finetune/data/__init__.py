@@ -15,7 +15,8 @@ The names below are the ones this module had before it became a package.
 
 from .checks import FORMATS, MAX_LISTED_PROBLEMS, FileCheck, check_file, check_files, example_of, load_conversations
 from .checks import to_messages
-from .encoding import IGNORE_INDEX, EncodeStats, encode, tokenize_dataset
+from .encoding import IGNORE_INDEX, encode
+from .tokenized import EncodeStats, tokenize_dataset
 from .formats import check_messages
 from .preview import main, render_masked
 from .sources import DataError, read_records, record_is_unreadable

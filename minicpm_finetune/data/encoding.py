@@ -16,23 +16,17 @@ without such text tokenizes exactly as the whole rendered text does (the encoder
 
 from __future__ import annotations
 
-import errno
-import gc
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from itertools import chain
 
 import numpy as np
 
 from ..cli import ArgumentError
-from .checks import example_of
-from .rendering import ChatRenderer, Rendered, TemplateError, _verification_conversations
-from .sources import DataError, _location, _orjson, orjson_can_read
+from .rendering import ChatRenderer, Rendered, _verification_conversations
 
 IGNORE_INDEX = -100
-ENCODER_VERSION = "3"  # part of the tokenized cache key: bump when the ids or labels change
 
 
 class ChatEncoder(ChatRenderer):
@@ -141,16 +135,22 @@ class ChatEncoder(ChatRenderer):
             return self.encode_protected(rendered)[0]
         return self._encode([rendered.text])[0].ids
 
-    def prompt_ids(self, messages: list[dict], tools=None) -> list[int]:
-        return self.token_ids(self.render(messages, tools, generation_prompt=True))
+    def prompt_ids(self, messages: list[dict], tools=None, enable_thinking=None) -> list[int]:
+        return self.token_ids(self.render(messages, tools, generation_prompt=True, enable_thinking=enable_thinking))
 
-    def encode_batch(self, examples: list[dict], max_length: int | None):
+    def encode_batch(self, examples: list[dict], max_length: int | None, enable_thinking=None):
         """An Arrow table (encoded_schema()) with columns input_ids, labels, length, full_length, num_learned,
-        truncated, cut_replies. Per sample only the reply spans are found in Python; the id and label
-        columns are built in numpy (a nested list -> Arrow conversion costs more than the masking)."""
+        truncated, cut_replies and part (0 for a conversation's first sample, 1, 2, ... for the samples a split
+        adds, see ``rendering.ChatRenderer.render_samples``). ``enable_thinking``: for the examples that do not set
+        their own. Per sample only the reply spans are found in Python; the id and label columns are built in
+        numpy (a nested list -> Arrow conversion costs more than the masking)."""
         import pyarrow as pa
 
-        rendered = [self.render(e["messages"], e.get("tools")) for e in examples]
+        rendered, parts = [], []
+        for e in examples:
+            samples = self.render_samples(e["messages"], e.get("tools"), e.get("enable_thinking", enable_thinking))
+            rendered += samples
+            parts += range(len(samples))
         encodings = self._encode([r.text for r in rendered])
         # One search over all contents of the batch: most batches have no special-looking text at all.
         special = self._special is not None and self._special.search(
@@ -193,7 +193,8 @@ class ChatEncoder(ChatRenderer):
         return pa.table([pa.ListArray.from_arrays(arrow_offsets, pa.array(ids)),
                          pa.ListArray.from_arrays(arrow_offsets, pa.array(labels)),
                          pa.array(length), pa.array(full_length), pa.array(np.array(num_learned, np.int32)),
-                         pa.array(full_length > length), pa.array(np.array(cut_replies, np.int32))],
+                         pa.array(full_length > length), pa.array(np.array(cut_replies, np.int32)),
+                         pa.array(np.array(parts, np.int32))],
                         schema=encoded_schema())
 
 
@@ -203,7 +204,7 @@ def encoded_schema():
 
     return pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
                       ("length", pa.int32()), ("full_length", pa.int32()), ("num_learned", pa.int32()),
-                      ("truncated", pa.bool_()), ("cut_replies", pa.int32())])
+                      ("truncated", pa.bool_()), ("cut_replies", pa.int32()), ("part", pa.int32())])
 
 
 def _pre_tokenizer_from_spec(spec: dict):
@@ -266,134 +267,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()[:32]
 
 
-# --------------------------------------------------------------------------- the tokenized data set
-
-
-
 def encode(tokenizer, messages: list[dict], end_of_turn: str | None = None, max_length: int | None = None,
-           tools=None) -> dict:
-    """input_ids and labels (aligned; the model shifts) and counts for one conversation."""
-    return get_encoder(tokenizer).encode_batch([{"messages": messages, "tools": tools}], max_length).to_pylist()[0]
-
-
-@dataclass
-class EncodeStats:
-    samples: int
-    tokens: int
-    learned_tokens: int
-    truncated: int
-    skipped: int
-    lengths: object  # numpy array, before truncation, to help choose model_max_length
-    refused: int = 0  # conversations the chat template raised on, dropped with skip_bad_samples
-
-    def summary(self, name: str) -> str:
-        lengths = np.asarray(self.lengths) if len(self.lengths) else np.zeros(1)
-        refused = f", {self.refused} refused by the chat template" if self.refused else ""
-        return (f"{name}: {self.samples} samples, {self.tokens} tokens, {self.learned_tokens} learned; "
-                f"{self.truncated} truncated, {self.skipped} skipped (nothing left to learn){refused}; "
-                f"length before truncation min/median/p95/max = {int(lengths.min())}/{int(np.median(lengths))}/"
-                f"{int(np.percentile(lengths, 95))}/{int(lengths.max())}")
-
-
-def _load_example(text: str) -> dict:
-    """A checked example back from its JSON text; json where orjson would change a value (an integer beyond
-    64 bits), so values reach the template as written."""
-    if _orjson is not None and orjson_can_read(text):
-        return _orjson.loads(text)
-    return json.loads(text)
-
-
-def _where(source: str | None, position) -> str:
-    return _location(source, position) if source and position is not None else source or "the data"
-
-
-def _encode_rows(batch, encoder, max_length, source, skip_bad_samples=False):
-    """One batch as an Arrow table (built by the encoder in numpy), which datasets then writes as is. A chat
-    template that raises on a conversation (a user template's raise_exception) is one line naming the record;
-    with ``skip_bad_samples`` the conversation is dropped (said, and counted by tokenize_dataset)."""
-    import jinja2
-
-    # A batch allocates tens of thousands of small objects and no reference cycles: the cyclic collector
-    # would only scan them again and again.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:  # every exit, a refused record's too, turns the collector back on
-        examples = [_load_example(text) for text in batch["example"]]
-        positions = batch["position"] if "position" in batch else [None] * len(examples)
-        if not encoder.renders_names:  # a name the template does not write would be lost without a word
-            for example, position in zip(examples, positions):
-                named = next((i for i, m in enumerate(example["messages"], 1) if "name" in m), None)
-                if named is not None:
-                    raise TemplateError(f'{_where(source, position)}: message {named} has a "name", but the chat '
-                                        "template does not render names (its text would be lost); drop it, or "
-                                        "use a template that renders it")
-        try:
-            return encoder.encode_batch(examples, max_length)
-        except jinja2.TemplateError:
-            kept = []
-            for example, position in zip(examples, positions):
-                try:
-                    encoder.render(example["messages"], example.get("tools"))
-                except jinja2.TemplateError as e:
-                    problem = f"{_where(source, position)}: the chat template raised on this conversation: {e}"
-                    if not skip_bad_samples:
-                        raise TemplateError(problem) from None
-                    print(f"warning: skipping {problem}")
-                    continue
-                kept.append(example)
-            return encoder.encode_batch(kept, max_length)
-    finally:
-        if collecting:
-            gc.enable()
-
-
-def tokenize_dataset(conversations, tokenizer, max_length: int | None, num_proc: int | None = None,
-                     source: str | None = None, skip_bad_samples: bool = False):
-    """Map loaded conversations to input_ids/labels in batches (cached), drop unlearnable samples.
-
-    The cache key is the data's fingerprint, the tokenizer (vocabulary, special tokens, chat template)
-    and ``max_length``. Returns (dataset with input_ids, labels, length) and EncodeStats.
-    """
-    import datasets
-    import pyarrow.compute as pc
-
-    encoder = get_encoder(tokenizer)
-    if "tools" in conversations.column_names and not encoder.renders_tools:
-        with_tools = int(pc.sum(conversations.data.column("tools")).as_py() or 0)
-        if with_tools:
-            raise TemplateError(f"{source or 'the data'}: {with_tools} conversation(s) have tools or tool calls, "
-                                "but the chat template cannot render them; use --chat_template chatml "
-                                "(MiniCPM3's function-calling format) or a template that takes tools")
-    if "example" not in conversations.column_names:  # message lists (e.g. built in code)
-        conversations = conversations.map(lambda row: {"example": json.dumps(example_of(row), ensure_ascii=False)},
-                                          remove_columns=conversations.column_names)
-    key = json.dumps([conversations._fingerprint, tokenizer_fingerprint(tokenizer), max_length, ENCODER_VERSION,
-                      skip_bad_samples])
-    try:
-        encoded = conversations.map(_encode_rows, batched=True, remove_columns=conversations.column_names,
-                                    fn_kwargs={"encoder": encoder, "max_length": max_length, "source": source,
-                                               "skip_bad_samples": skip_bad_samples},
-                                    features=datasets.Features.from_arrow_schema(encoded_schema()),
-                                    num_proc=num_proc if num_proc and num_proc > 1 else None, desc="Tokenizing",
-                                    new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
-            raise
-        raise DataError(f"{source or 'the data'}: cannot write the tokenized data into the datasets cache "
-                        f"{datasets.config.HF_DATASETS_CACHE} ({e.strerror}); free some space there, or set "
-                        "HF_DATASETS_CACHE to another disk") from None
-    table = encoded.data
-    learned = table.column("num_learned").to_numpy()
-    keep = learned > 0
-    stats = EncodeStats(
-        samples=int(keep.sum()),
-        tokens=int(table.column("length").to_numpy()[keep].sum()),
-        learned_tokens=int(learned.sum()),
-        truncated=int(pc.sum(table.column("truncated")).as_py() or 0),
-        skipped=int((~keep).sum()),
-        lengths=table.column("full_length").to_numpy(),
-        refused=len(conversations) - table.num_rows,
-    )
-    if not keep.all():
-        encoded = encoded.select(np.flatnonzero(keep))
-    return encoded.select_columns(["input_ids", "labels", "length"]), stats
+           tools=None, enable_thinking=None) -> dict:
+    """input_ids and labels (aligned; the model shifts) and counts of the sample that teaches a conversation's
+    last reply (a conversation the template renders differently turn by turn gives several: ``encode_batch``)."""
+    example = {"messages": messages, "tools": tools}
+    return get_encoder(tokenizer).encode_batch([example], max_length, enable_thinking).to_pylist()[-1]

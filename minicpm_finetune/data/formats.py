@@ -6,9 +6,11 @@ normalised example. The data preview, ``finetune.py --data_format``, ``inference
 README's Data section all take the formats from here.
 
 A normalised supervised example is ``{"messages": [...], "tools": [...] or None}`` in the OpenAI style:
-roles ``system`` (first only), ``user``, ``assistant`` (``content`` and/or ``tool_calls``) and ``tool``
-(a tool's result); ``tools`` is a list of ``{"type": "function", "function": {name, description,
-parameters}}``. ``convert`` raises ValueError with the problem (the caller adds file and record).
+roles ``system`` (first only), ``user``, ``assistant`` (``content`` and/or ``tool_calls``, optional
+``reasoning_content``) and ``tool`` (a tool's result); ``tools`` is a list of ``{"type": "function",
+"function": {name, description, parameters}}``; plus ``enable_thinking`` (true/false) when the record sets it,
+passed to the chat template with that conversation. ``convert`` raises ValueError with the problem (the caller
+adds file and record).
 
 Keys: a record may hold the keys its format reads plus metadata (``id``, ``source``, anything not in
 ``TEXT_KEYS``), which is ignored and reported. A key that carries conversation text in some format
@@ -26,7 +28,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
-from .messages import check_messages, normalise_tool_calls, normalise_tools
+from .messages import check_messages, normalise_tool_calls, normalise_tools, split_reasoning
 
 
 
@@ -65,13 +67,31 @@ def _with_system(system: str, messages: list) -> list:
     return ([{"role": "system", "content": system}] if system else []) + messages
 
 
+def _example(record: dict, messages: list, tools=None) -> dict:
+    """The normalised example, with the record's ``enable_thinking`` when it sets one."""
+    example = {"messages": messages, "tools": tools}
+    thinking = record.get("enable_thinking")
+    if thinking is not None:
+        if not isinstance(thinking, bool):
+            raise ValueError(f'"enable_thinking" must be true or false, got {thinking!r}')
+        example["enable_thinking"] = thinking
+    return example
+
+
+def _final_reply(record: dict, key: str) -> dict:
+    """The last assistant message of a one-reply format: its text and the record's reasoning, if any."""
+    reply = {"role": "assistant", "content": _string(record, key, required=True)}
+    split_reasoning(reply, record.get("reasoning_content"), f'"{key}"')
+    return reply
+
+
 # --------------------------------------------------------------------------- the formats
 
 
 def _conversation(record: dict) -> dict:
     if "messages" not in record:
         raise ValueError('missing "messages" (this file is in the conversation format)')
-    return {"messages": check_messages(record["messages"]), "tools": normalise_tools(record.get("tools"))}
+    return _example(record, check_messages(record["messages"]), normalise_tools(record.get("tools")))
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -87,7 +107,7 @@ def _sharegpt(record: dict) -> dict:
         if not isinstance(turn, dict):
             raise ValueError(f"turn {i} is not an object")
         role_key, text_key = ("from", "value") if "from" in turn or "value" in turn else ("role", "content")
-        unused = [k for k, v in turn.items() if k not in (role_key, text_key) and v is not None]
+        unused = [k for k, v in turn.items() if k not in (role_key, text_key, "reasoning_content") and v is not None]
         if unused:
             raise ValueError(f'turn {i}: key "{unused[0]}" is not used, its text would be lost')
         speaker, value = turn.get(role_key), turn.get(text_key)
@@ -101,13 +121,15 @@ def _sharegpt(record: dict) -> dict:
                              "tool_calls": normalise_tool_calls(value, f"turn {i}")})
         else:
             messages.append({"role": SHAREGPT_ROLES[speaker], "content": value})
+        if turn.get("reasoning_content") is not None:  # checked with the message (assistant turns only)
+            messages[-1]["reasoning_content"] = turn["reasoning_content"]
     messages = _with_system(_string(record, "system"), messages)
-    return {"messages": check_messages(messages), "tools": normalise_tools(record.get("tools"))}
+    return _example(record, check_messages(messages), normalise_tools(record.get("tools")))
 
 
 def _alpaca(record: dict) -> dict:
     instruction, given = _string(record, "instruction"), _string(record, "input")
-    output = _string(record, "output", required=True)
+    reply = _final_reply(record, "output")
     if "instruction" not in record and "input" not in record:
         raise ValueError('missing "instruction" (or "input")')
     history = record.get("history") or []
@@ -119,14 +141,14 @@ def _alpaca(record: dict) -> dict:
             raise ValueError(f"history item {i} must be a [user, assistant] pair of strings")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     prompt = "\n".join(part for part in (instruction, given) if part)
-    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    return {"messages": check_messages(_with_system(_string(record, "system"), messages)), "tools": None}
+    messages += [{"role": "user", "content": prompt}, reply]
+    return _example(record, check_messages(_with_system(_string(record, "system"), messages)))
 
 
 def _prompt_response(record: dict) -> dict:
     messages = [{"role": "user", "content": _string(record, "prompt", required=True)},
-                {"role": "assistant", "content": _string(record, "response", required=True)}]
-    return {"messages": check_messages(_with_system(_string(record, "system"), messages)), "tools": None}
+                _final_reply(record, "response")]
+    return _example(record, check_messages(_with_system(_string(record, "system"), messages)))
 
 
 _TOOLS_EXAMPLE = [{"type": "function", "function": {
@@ -135,7 +157,7 @@ _TOOLS_EXAMPLE = [{"type": "function", "function": {
 
 FORMATS: dict[str, DataFormat] = {f.name: f for f in (
     DataFormat(
-        "conversation", ("messages", "tools"), lambda r: "messages" in r, _conversation,
+        "conversation", ("messages", "tools", "enable_thinking"), lambda r: "messages" in r, _conversation,
         {"messages": [{"role": "system", "content": "你是一个广告文案助手。"},
                       {"role": "user", "content": "北京天气怎么样？"},
                       {"role": "assistant", "content": "",
@@ -145,10 +167,10 @@ FORMATS: dict[str, DataFormat] = {f.name: f for f in (
                       {"role": "assistant", "content": "北京今天晴，25度。"}],
          "tools": _TOOLS_EXAMPLE},
         "OpenAI-style messages (system, user, assistant with optional tool_calls, tool results); optional "
-        "top-level tools",
+        "top-level tools; reasoning as reasoning_content or a leading <think> block; optional enable_thinking",
         lambda r, reply: dict(r, messages=list(r.get("messages") or []) + [{"role": "assistant", "content": reply}])),
     DataFormat(
-        "sharegpt", ("conversations", "system", "tools"), lambda r: "conversations" in r, _sharegpt,
+        "sharegpt", ("conversations", "system", "tools", "enable_thinking"), lambda r: "conversations" in r, _sharegpt,
         {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"},
                            {"from": "human", "value": "北京天气怎么样？"},
                            {"from": "function_call", "value": '{"name": "get_weather", "arguments": {"city": "北京"}}'},
@@ -156,19 +178,22 @@ FORMATS: dict[str, DataFormat] = {f.name: f for f in (
                            {"from": "gpt", "value": "北京今天晴，25度。"}],
          "system": "optional", "tools": json.dumps(_TOOLS_EXAMPLE, ensure_ascii=False)},
         "conversations of from/value turns (human, gpt, system, function_call, observation) or role/content "
-        "turns; optional system and tools (a list or its JSON text)",
+        "turns (reasoning_content on gpt turns); optional system, tools (a list or its JSON text) and enable_thinking",
         lambda r, reply: dict(r, conversations=list(r.get("conversations") or []) + [{"from": "gpt", "value": reply}])),
     DataFormat(
-        "prompt_response", ("prompt", "response", "system"), lambda r: "prompt" in r or "response" in r,
-        _prompt_response, {"prompt": "类型#裙*颜色#红色", "response": "这款红色连衣裙……"},
-        "one exchange; optional system", lambda r, reply: dict(r, response=reply)),
+        "prompt_response", ("prompt", "response", "system", "reasoning_content", "enable_thinking"),
+        lambda r: "prompt" in r or "response" in r, _prompt_response,
+        {"prompt": "类型#裙*颜色#红色", "response": "这款红色连衣裙……"},
+        "one exchange; optional system, reasoning_content and enable_thinking",
+        lambda r, reply: dict(r, response=reply)),
     DataFormat(
-        "alpaca", ("instruction", "input", "output", "system", "history"),
+        "alpaca", ("instruction", "input", "output", "system", "history", "reasoning_content", "enable_thinking"),
         lambda r: bool({"instruction", "input", "output"} & r.keys()), _alpaca,
         {"instruction": "写一段广告", "input": "类型#裙*颜色#红色", "output": "这款红色连衣裙……",
          "system": "optional", "history": [["先写标题", "红裙上新"]]},
         "instruction and input (joined by a newline) -> output; history [user, assistant] pairs come first, "
-        "every reply is learned; optional system", lambda r, reply: dict(r, output=reply)),
+        "every reply is learned; optional system, reasoning_content (of the output) and enable_thinking",
+        lambda r, reply: dict(r, output=reply)),
 )}
 
 # --------------------------------------------------------------------------- preference pairs (DPO)

@@ -1,9 +1,15 @@
 """Normalised messages: the checks every conversation passes, whatever format it came in.
 
 A normalised conversation is a list of messages in the OpenAI style: roles ``system`` (first only),
-``user``, ``assistant`` (``content`` and/or ``tool_calls``) and ``tool`` (a tool's result), in an order a
-chat can have (``check_messages``); tool lists and calls are normalised to ``{"type": "function",
-"function": {...}}``. Each problem is a ValueError naming it (the caller adds file and record).
+``user``, ``assistant`` (``content`` and/or ``tool_calls``, optional ``reasoning_content``) and ``tool`` (a
+tool's result), in an order a chat can have (``check_messages``); tool lists and calls are normalised to
+``{"type": "function", "function": {...}}``. Each problem is a ValueError naming it (the caller adds file and
+record).
+
+Reasoning: an assistant's ``reasoning_content`` (the field OpenAI-style and Qwen3-style data use), or a
+``<think>...</think>`` block at the start of its content, which is moved there (the newlines around the
+reasoning and before the reply are the template's to write, as hybrid-reasoning templates render them). An
+empty block says "no reasoning" and is dropped.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import json
 import math
 
 ROLES = ("system", "user", "assistant", "tool")
-MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+MESSAGE_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _PLAIN_ROLES = ("system", "user", "assistant")
 
 
@@ -139,9 +146,10 @@ def check_messages(messages: list) -> list[dict]:
 
 
 def _is_plain_text(message) -> bool:
-    """A message with only a role that takes plain text and a non-empty text."""
+    """A message with only a role that takes plain text and a non-empty text (a reply without a <think> block)."""
     return (type(message) is dict and len(message) == 2 and message.get("role") in _PLAIN_ROLES
-            and type(message.get("content")) is str and bool(message["content"].strip()))
+            and type(message.get("content")) is str and bool(message["content"].strip())
+            and (message["role"] != "assistant" or THINK_OPEN not in message["content"]))
 
 
 def _checked_message(message, where: str) -> dict:
@@ -166,12 +174,47 @@ def _checked_message(message, where: str) -> dict:
     if not content.strip() and not calls and role != "tool":
         raise ValueError(f"{where}: empty {'reply' if role == 'assistant' else role + ' text'}")
     normal["content"] = content
+    _reasoning(normal, message.get("reasoning_content"), bool(calls), where)
     for key in ("tool_call_id", "name"):
         if message.get(key) is not None:
             if not isinstance(message[key], str):
                 raise ValueError(f'{where}: "{key}" must be a string')
             normal[key] = message[key]
     return normal
+
+
+def _reasoning(normal: dict, reasoning, calls: bool, where: str) -> None:
+    if normal["role"] != "assistant":
+        if reasoning is not None:
+            raise ValueError(f'{where}: only assistant messages carry "reasoning_content"')
+        return
+    split_reasoning(normal, reasoning, where)
+    if not normal["content"].strip() and not calls:
+        raise ValueError(f"{where}: empty reply (only reasoning)")
+
+
+def split_reasoning(message: dict, reasoning, where: str) -> None:
+    """Set the message's ``reasoning_content`` from the field or from a leading ``<think>...</think>`` block of
+    its content (removed from the content); nothing when there is no reasoning."""
+    content = message["content"]
+    stripped = content.lstrip()
+    if stripped.startswith(THINK_OPEN):
+        end = stripped.find(THINK_CLOSE)
+        if end < 0:
+            raise ValueError(f"{where}: {THINK_OPEN} without {THINK_CLOSE}")
+        if reasoning is not None:
+            raise ValueError(f'{where}: reasoning both in "reasoning_content" and in a {THINK_OPEN} block')
+        reasoning = stripped[len(THINK_OPEN):end]
+        message["content"] = content = stripped[end + len(THINK_CLOSE):].lstrip("\n")
+    if reasoning is None:
+        return
+    if not isinstance(reasoning, str):
+        raise ValueError(f'{where}: "reasoning_content" must be a string')
+    if THINK_OPEN in content or THINK_CLOSE in content:
+        raise ValueError(f"{where}: a {THINK_OPEN} block after the reply's start (reasoning comes first)")
+    reasoning = reasoning.strip("\n")
+    if reasoning.strip():
+        message["reasoning_content"] = reasoning
 
 
 def _allowed_after(previous: dict | None) -> tuple:

@@ -14,7 +14,8 @@ import sys
 
 from ..cli import ArgumentError, FinetuneError, OneLineParser, check_output_path, command, load_error, write_atomic
 from .checks import FORMATS, load_conversations
-from .encoding import IGNORE_INDEX, tokenize_dataset
+from .encoding import IGNORE_INDEX
+from .tokenized import tokenize_dataset
 from .preference import check_preference_files, tokenize_pairs
 from .sources import read_records
 from .tokenizer import load_chat_tokenizer

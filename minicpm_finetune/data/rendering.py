@@ -14,7 +14,7 @@ it (``templates.end_of_turn_token``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..cli import FinetuneError
 from .templates import end_of_turn_token
@@ -30,7 +30,8 @@ class TemplateError(FinetuneError):
 class Rendered:
     text: str
     replies: list  # (begin, end) character spans that are learned
-    contents: list  # (begin, end) character spans of message content (tokenized as text)
+    contents: list  # (begin, end) character spans of message content and reasoning (tokenized as text)
+    turns: list = field(default_factory=list)  # the message index of each reply
 
 
 @dataclass
@@ -47,6 +48,11 @@ def _probe_messages(roles, contents):
     return [{"role": r, "content": c} for r, c in zip(roles, contents)]
 
 
+def template_options(enable_thinking) -> dict:
+    """The keyword arguments a conversation passes to the chat template (``enable_thinking`` when set)."""
+    return {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+
+
 class ChatRenderer:
     """Renders conversations with a tokenizer's chat template (probed once, when built)."""
 
@@ -57,21 +63,44 @@ class ChatRenderer:
         self.blocks = self._probe_blocks()
         self.renders_tools = self._probe_tools()
         self.renders_names = self._probe_names()
+        self.renders_reasoning = self._probe_reasoning()
+        self.reads_enable_thinking = self._probe_enable_thinking()
 
-    def _jinja(self, messages, tools=None, generation_prompt=False) -> str:
+    def _jinja(self, messages, tools=None, generation_prompt=False, options=None) -> str:
         return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
+                                                  add_generation_prompt=generation_prompt, **(options or {}))
 
-    def render(self, messages: list[dict], tools=None, generation_prompt: bool = False) -> Rendered:
-        """The text, the learned spans (none for a prompt) and the content spans of a conversation."""
-        # Normalised messages hold role and content, plus tool_calls/tool_call_id/name when they use tools.
-        plain = not tools and all(len(m) == 2 and m["role"] != "tool" for m in messages)
-        if plain and self.blocks is not None and messages:
+    def _fast(self, messages, tools, options) -> bool:
+        # Normalised messages hold role and content, plus tool_calls/tool_call_id/name/reasoning_content.
+        return (self.blocks is not None and bool(messages) and not tools and not options
+                and all(len(m) == 2 and m["role"] != "tool" for m in messages))
+
+    def render(self, messages: list[dict], tools=None, generation_prompt: bool = False,
+               enable_thinking=None) -> Rendered:
+        """One rendering of the conversation: a prompt (``generation_prompt``: no learned spans), or the whole
+        conversation with the replies it can teach in place (``render_samples`` gives them all)."""
+        if not generation_prompt:
+            return self.render_samples(messages, tools, enable_thinking)[-1]
+        options = template_options(enable_thinking)
+        if self._fast(messages, tools, options):
             try:
-                return self._render_blocks(messages, generation_prompt)
+                return self._render_blocks(messages, True)
+            except KeyError:
+                pass
+        text = self._jinja(messages, tools, True, options)
+        return Rendered(text, [], self._content_spans(messages, tools, True, options, text))
+
+    def render_samples(self, messages: list[dict], tools=None, enable_thinking=None) -> list[Rendered]:
+        """The samples that teach every reply of a conversation in its inference-time context: one where the
+        template renders each earlier turn as it rendered it as the last one (the common case), more where it
+        does not (a hybrid-reasoning template drops the reasoning of earlier turns)."""
+        options = template_options(enable_thinking)
+        if self._fast(messages, tools, options):
+            try:
+                return [self._render_blocks(messages, False)]
             except KeyError:  # a shape the probes did not cover (e.g. two user turns in a row)
                 pass
-        return self._render_general(messages, tools, generation_prompt)
+        return self._render_general(messages, tools, options)
 
     def _render_blocks(self, messages, generation_prompt) -> Rendered:
         blocks, parts, contents, pos = self.blocks, [], [], 0
@@ -87,51 +116,69 @@ class ChatRenderer:
         if generation_prompt:
             parts.append(blocks.generation_prompt)
         text = "".join(parts)
-        replies = []
+        replies, turns = [], []
         if not generation_prompt:
-            for message, (begin, end) in zip(messages, contents):
+            for i, (message, (begin, end)) in enumerate(zip(messages, contents)):
                 if message["role"] == "assistant":
                     through = end + len(blocks.end["assistant"])
                     eot = text.rfind(self.end_of_turn, begin, through) if self.end_of_turn else -1
                     replies.append((begin, eot + len(self.end_of_turn) if eot >= 0 else through))
-        return Rendered(text, replies, contents)
+                    turns.append(i)
+        return Rendered(text, replies, contents, turns)
 
-    def _render_general(self, messages, tools, generation_prompt) -> Rendered:
-        text = self._jinja(messages, tools, generation_prompt)
-        bounds, replies = [0], []
-        for i, message in enumerate(messages):
-            through = self._jinja(messages[: i + 1], tools)
-            if message["role"] == "assistant" and not generation_prompt:
-                prompt = self._jinja(messages[:i], tools, generation_prompt=True)
-                if not (text.startswith(prompt) and text.startswith(through)):
-                    raise TemplateError("the chat template does not render a conversation as the sum of its "
-                                        "prefixes; replies cannot be located (use --chat_template minicpm or chatml)")
-                eot = through.rfind(self.end_of_turn, len(prompt)) if self.end_of_turn else -1
-                replies.append((len(prompt), eot + len(self.end_of_turn) if eot >= 0 else len(through)))
-            bounds.append(len(through) if text.startswith(through) else bounds[-1])
-        return Rendered(text, replies, self._content_spans(messages, tools, generation_prompt, text, bounds))
+    def _render_general(self, messages, tools, options) -> list[Rendered]:
+        """Each reply k is learned after exactly the generation prompt of messages[:k] and as the template writes
+        it as the last turn; a sample is the rendering up to its last reply, and teaches every earlier reply
+        whose prompt + reply it starts with (a prefix of a prefix is one: picking samples from the last reply
+        down is the fewest)."""
+        throughs = [self._jinja(messages[: i + 1], tools, False, options) for i in range(len(messages))]
+        taught = {}  # reply index -> (length of its prompt, prompt + reply through the end-of-turn token)
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt, through = self._jinja(messages[:k], tools, True, options), throughs[k]
+            if not through.startswith(prompt):
+                raise TemplateError(f"the chat template does not render reply {k + 1} after its generation prompt; "
+                                    "replies cannot be located (use --chat_template minicpm or chatml)")
+            eot = through.rfind(self.end_of_turn, len(prompt)) if self.end_of_turn else -1
+            taught[k] = (len(prompt), through[: eot + len(self.end_of_turn)] if eot >= 0 else through)
+        samples, pending = [], sorted(taught, reverse=True)
+        while pending:
+            text = throughs[pending[0]]
+            turns = [k for k in reversed(pending) if text.startswith(taught[k][1])]
+            pending = [k for k in pending if k not in turns]
+            last = turns[-1]
+            bounds = [0]
+            for through in throughs[: last + 1]:
+                bounds.append(len(through) if text.startswith(through) else bounds[-1])
+            contents = self._content_spans(messages[: last + 1], tools, False, options, text, bounds)
+            samples.append(Rendered(text, [(taught[k][0], len(taught[k][1])) for k in turns], contents, turns))
+        return samples[::-1]
 
-    def _content_spans(self, messages, tools, generation_prompt, text, bounds) -> list:
-        """Where each message's content lies in ``text``: render once with numbered sentinels in place of the
-        contents; if putting the contents back gives ``text``, the positions are exact."""
-        marked = [dict(m, content=f"\ue000{i}\ue001") if m["content"] else m for i, m in enumerate(messages)]
+    def _content_spans(self, messages, tools, generation_prompt, options, text, bounds=None) -> list:
+        """Where each message's content (and reasoning) lies in ``text``: render once with numbered sentinels in
+        place of the texts; if putting the texts back gives ``text``, the positions are exact."""
+        n = len(messages)
+        texts = [m["content"] for m in messages] + [m.get("reasoning_content") for m in messages]
+        marked = [dict(m, **({"content": f"\ue000{i}\ue001"} if m["content"] else {}),
+                       **({"reasoning_content": f"\ue000{n + i}\ue001"} if m.get("reasoning_content") else {}))
+                  for i, m in enumerate(messages)]
         try:
-            pieces = _SENTINEL.split(self._jinja(marked, tools, generation_prompt))
+            pieces = _SENTINEL.split(self._jinja(marked, tools, generation_prompt, options))
         except Exception:  # noqa: BLE001
             pieces = [text]
         spans, out, pos = [], [], 0
         for k, piece in enumerate(pieces):
-            if k % 2 == 0:
-                out.append(piece)
-                pos += len(piece)
-            else:
-                content = messages[int(piece)]["content"]
-                spans.append((pos, pos + len(content)))
-                out.append(content)
-                pos += len(content)
+            piece = piece if k % 2 == 0 else texts[int(piece)]
+            if k % 2:
+                spans.append((pos, pos + len(piece)))
+            out.append(piece)
+            pos += len(piece)
         if "".join(out) == text:
             return spans
         # The template changes content (e.g. strips it): look for each content within its message's part.
+        if bounds is None:
+            bounds = [0] + [len(self._jinja(messages[: i + 1], tools, False, options)) for i in range(n)]
         spans = []
         for message, begin, end in zip(messages, bounds, bounds[1:]):
             at = text.rfind(message["content"], begin, end) if message["content"] else -1
@@ -173,7 +220,12 @@ class ChatRenderer:
         saved, self.blocks = getattr(self, "blocks", None), blocks
         try:
             for messages, prompt in _verification_conversations():
-                if self._render_blocks(messages, prompt) != self._render_general(messages, None, prompt):
+                if prompt:
+                    text = self._jinja(messages, None, True)
+                    general = [Rendered(text, [], self._content_spans(messages, None, True, None, text))]
+                else:
+                    general = self._render_general(messages, None, {})
+                if general != [self._render_blocks(messages, prompt)]:
                     return None
         except Exception:  # noqa: BLE001
             return None
@@ -202,6 +254,24 @@ class ChatRenderer:
         messages = [{"role": "user", "content": "q", "name": "probe_name_v"}, {"role": "assistant", "content": "a"}]
         try:
             return "probe_name_v" in self._jinja(messages)
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _probe_reasoning(self) -> bool:
+        """Whether the template renders an assistant's ``reasoning_content`` (for the last reply at least)."""
+        messages = [{"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a", "reasoning_content": "probe_reasoning_u"}]
+        try:
+            return "probe_reasoning_u" in self._jinja(messages)
+        except Exception:  # noqa: BLE001
+            return False
+
+    def _probe_enable_thinking(self) -> bool:
+        """Whether the template reads ``enable_thinking`` (its prompt differs between true and false)."""
+        messages = [{"role": "user", "content": "q"}]
+        try:
+            return (self._jinja(messages, None, True, {"enable_thinking": True})
+                    != self._jinja(messages, None, True, {"enable_thinking": False}))
         except Exception:  # noqa: BLE001
             return False
 

@@ -1,11 +1,16 @@
 """Chat templates: one Jinja template renders both the training data and the inference prompts.
 
-Two styles are built in:
+Three styles are built in:
 - ``minicpm``: MiniCPM-1/2's ``<用户>{user}<AI>{assistant}``, system text raw before the first turn,
   and the eos token after every reply so the model learns to stop. (The template shipped with
   MiniCPM-2B drops system turns and ends replies with nothing; we keep its format and fix both.)
 - ``chatml``: ``<|im_start|>role\\n...<|im_end|>\\n`` as used by MiniCPM3 and MiniCPM4, with MiniCPM3's
   function-calling format for tools and tool calls (see CHATML_TEMPLATE).
+- ``minicpm5``: MiniCPM5's ChatML after ``<s>``: every reply in a ``<think>`` block (empty when it has no
+  reasoning), ``enable_thinking`` opening (true) or closing (false) that block in the generation prompt, tools
+  listed as JSON in the system turn, calls as ``<function name=..><param name=..>value</param></function>``,
+  tool results as ``<tool_response>`` blocks in a user turn (see MINICPM5_TEMPLATE). Used when a MiniCPM5
+  tokenizer ships no template; the 2B's own template renders the same text.
 
 The template is saved with every output, so inference renders prompts exactly as training did.
 
@@ -90,6 +95,77 @@ CHATML_TEMPLATE = (
 )
 
 
+_MINICPM5_TOOLS_GUIDE = (
+    "\n</tools>\n\nTool usage guidelines:\n- You may call zero or more functions. If no function calls are needed, "
+    "just answer normally and do not include any <function ... </function>.\n- When calling a function, return an "
+    "XML object within <function ... </function> using:\n<function name=\"function-name\"><param name=\"param-name\">"
+    "param-value</param></function>\n- param-value may be multi-line. If it contains <, & or newline characters, "
+    "wrap it in a CDATA block: <param name=\"param-name\"><![CDATA[...multi-line value...]]></param>")
+
+# MiniCPM5 (facts from the renders of openbmb/MiniCPM5-2B's template): string arguments are written raw, or in
+# CDATA when they hold <, & or a newline; other values as Python prints them; text after <tool_sep> in a reply
+# with calls is not written; a reply's reasoning comes from reasoning_content or a </think> in its content.
+MINICPM5_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- if tools -%}"
+    "{%- set ns = namespace(block='# Tools\n\nYou are provided with function signatures within <tools></tools> XML "
+    "tags:\n<tools>') -%}"
+    "{%- for tool in tools -%}{%- set ns.block = ns.block + '\n' + (tool | tojson) -%}{%- endfor -%}"
+    "{%- set tool_block = ns.block + '" + _MINICPM5_TOOLS_GUIDE.replace("\n", "\\n").replace("'", "\\'") + "' -%}"
+    "{%- endif -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system_text = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- if tools -%}"
+    "{%- set system_text = system_text.replace('<tool_def_sep>', tool_block) if '<tool_def_sep>' in system_text "
+    "else system_text + '\n\n' + tool_block -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>system\n' + system_text + '<|im_end|>\n' -}}"
+    "{%- else -%}"
+    "{%- set turns = messages -%}"
+    "{%- if tools -%}{{- '<|im_start|>system\n' + tool_block + '<|im_end|>\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- set content = message['content'] or '' -%}"
+    "{%- if message['reasoning_content'] is defined and message['reasoning_content'] is not none -%}"
+    "{%- set reasoning = message['reasoning_content'] -%}"
+    "{%- elif '</think>' in content -%}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1] -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\n') -%}"
+    "{%- else -%}{%- set reasoning = '' -%}{%- endif -%}"
+    "{%- set calls = message['tool_calls'] if message['tool_calls'] is defined and message['tool_calls'] else [] -%}"
+    "{%- if calls -%}{%- set content = content.split('<tool_sep>')[0] -%}{%- endif -%}"
+    "{{- '<|im_start|>assistant\n<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content -}}"
+    "{%- for call in calls -%}"
+    "{%- set f = call['function'] if call['function'] is defined else call -%}"
+    "{%- if content or not loop.first -%}{{- '\n' -}}{%- endif -%}"
+    "{{- '<function name=\"' + f['name'] + '\">' -}}"
+    "{%- for name, value in (f['arguments'] or {}).items() -%}"
+    "{{- '<param name=\"' + name + '\">' -}}"
+    "{%- if value is string and ('<' in value or '&' in value or '\n' in value) -%}"
+    "{{- '<![CDATA[' + value + ']]>' -}}"
+    "{%- else -%}{{- value -}}{%- endif -%}"
+    "{{- '</param>' -}}"
+    "{%- endfor -%}"
+    "{{- '</function>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or loop.previtem['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\n<tool_response>\n' + message['content'] + '\n</tool_response>' -}}"
+    "{%- if loop.last or loop.nextitem['role'] != 'tool' -%}{{- '<|im_end|>\n' -}}{%- endif -%}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking -%}{{- '<think>\n' -}}"
+    "{%- elif enable_thinking is defined -%}{{- '<think>\n\n</think>\n\n' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     text: str
@@ -100,12 +176,14 @@ class ChatTemplate:
 TEMPLATES = {
     "minicpm": ChatTemplate(MINICPM_TEMPLATE, end_of_turn=None),
     "chatml": ChatTemplate(CHATML_TEMPLATE, end_of_turn="<|im_end|>", special_tokens=("<|im_start|>", "<|im_end|>")),
+    "minicpm5": ChatTemplate(MINICPM5_TEMPLATE, end_of_turn="<|im_end|>",
+                             special_tokens=("<|im_start|>", "<|im_end|>", "<think>", "</think>")),
 }
 
 
 def resolve_chat_template(tokenizer, model_type: str | None = None, override: str | None = None) -> str:
     """The template to train and infer with: the flag, else the tokenizer's, else the model family's
-    (families.py).
+    (families.py: its preferred one when the tokenizer holds that template's markers).
 
     ``override`` is a built-in name (``minicpm``, ``chatml``) or a path to a Jinja file.
     A tokenizer template in MiniCPM-2B's ``<用户>`` style is replaced by ours (same format,
@@ -121,7 +199,17 @@ def resolve_chat_template(tokenizer, model_type: str | None = None, override: st
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, str) and own:
         return MINICPM_TEMPLATE if "<用户>" in own else own
-    return TEMPLATES[family_of(model_type).chat_template].text
+    family = family_of(model_type)
+    preferred = TEMPLATES.get(family.preferred_template or "")
+    if preferred and all(holds_token(tokenizer, token) for token in preferred.special_tokens):
+        return preferred.text
+    return TEMPLATES[family.chat_template].text
+
+
+def holds_token(tokenizer, token: str) -> bool:
+    """Whether ``token`` is one token of the tokenizer's vocabulary."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    return token_id is not None and token_id != tokenizer.unk_token_id
 
 
 # A reply no template alters, to see what a template writes after one.

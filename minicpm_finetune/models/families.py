@@ -3,8 +3,10 @@
 Everything that differs between families is said here, once; the rest of the package asks
 ``family_of(config)`` instead of comparing model types:
 
-- ``chat_template``: the built-in template (templates.TEMPLATES) used when the tokenizer ships none;
-  the template in use then says which token ends a turn (templates.end_of_turn_token).
+- ``chat_template``: the built-in template (templates.TEMPLATES) used when the tokenizer ships none, or
+  ``preferred_template`` when the tokenizer holds that template's markers as tokens (MiniCPM5's vocabulary
+  under the Llama architecture); the template in use then says which token ends a turn
+  (templates.end_of_turn_token).
 - ``lora_targets``: the default ``--lora_target_modules`` for a config of the family.
 - ``chunked_loss``: whether the model computes its loss in chunks without full logits (only the native
   implementation here does; the others pay for full-vocabulary logits, and a run says so in a note).
@@ -45,6 +47,7 @@ class ModelFamily:
     model_type: str
     name: str  # the models, as people call them
     chat_template: str  # a templates.TEMPLATES name
+    preferred_template: str | None = None  # used instead when the tokenizer holds its markers as tokens
     lora_targets: Callable[[object], list[str]] = query_value_projections
     chunked_loss: bool = False
     native: dict[str, str] = field(default_factory=dict)  # Auto class name -> "module.Class" in this package
@@ -56,7 +59,7 @@ class ModelFamily:
 
 FAMILIES = {family.model_type: family for family in (
     ModelFamily(
-        "minicpm", "MiniCPM-1/2/4", chat_template="minicpm", chunked_loss=True,
+        "minicpm", "MiniCPM-1/2/4/4.1", chat_template="minicpm", chunked_loss=True,
         native={"AutoConfig": "configuration_minicpm.MiniCPMConfig",
                 "AutoModel": "modeling_minicpm.MiniCPMModel",
                 "AutoModelForCausalLM": "modeling_minicpm.MiniCPMForCausalLM"},
@@ -66,8 +69,9 @@ FAMILIES = {family.model_type: family for family in (
     # transformers' own class (official folders' auto_map points at remote code that is not needed).
     ModelFamily("minicpm3", "MiniCPM3", chat_template="chatml", lora_targets=latent_attention_up_projections,
                 liger_kernel=False),
-    # Llama-format MiniCPM (what `export llama` writes) and MiniCPM5: MiniCPM-2B's tokenizer and template.
-    ModelFamily("llama", "Llama-format MiniCPM, MiniCPM5", chat_template="minicpm"),
+    # Llama-format MiniCPM-2B (what `export llama` writes: its tokenizer and template) and MiniCPM5 (Llama
+    # architecture, its own ~130k vocabulary with <|im_start|>, <|im_end|>, <think>, </think>: its template).
+    ModelFamily("llama", "Llama-format MiniCPM, MiniCPM5", chat_template="minicpm", preferred_template="minicpm5"),
 )}
 
 # Any other model type: Llama-like defaults. The tokenizer's own template comes first, as for every family; without
@@ -99,6 +103,22 @@ def note(config) -> str | None:
         return (f"note: {family.name} ({family.model_type}) has no chunked loss here: the loss is computed from "
                 "full-vocabulary logits")
     return None
+
+
+def sparse_attention_refusal(config, max_length: int) -> str | None:
+    """MiniCPM4/4.1's ``sparse_config`` (InfLLM v2) switches to sparse attention from ``dense_len`` tokens on
+    (-1: always). The native model computes dense attention, which is what the model does below ``dense_len``:
+    a run that stays below it trains exactly; one that reaches it is refused (one line), None otherwise."""
+    sparse = getattr(config, "sparse_config", None)
+    if not sparse:
+        return None
+    dense_len = sparse.get("dense_len", 8192) if isinstance(sparse, dict) else getattr(sparse, "dense_len", 8192)
+    if dense_len is not None and 0 <= max_length < dense_len:
+        return None
+    where = "always (dense_len -1)" if dense_len is not None and dense_len < 0 else f"from {dense_len} tokens on"
+    return (f"the model's sparse_config asks for InfLLM v2 sparse attention {where}, which this toolkit does not "
+            f"train (its attention is dense); set --model_max_length below {max(dense_len or 0, 1)}, or remove "
+            "sparse_config from config.json to train dense attention")
 
 
 def register_native_classes() -> None:

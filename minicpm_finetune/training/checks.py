@@ -11,6 +11,7 @@ import os
 
 from ..cli import ArgumentError, check_count, check_output_path, looks_local
 from ..evaluation.metrics import parse_metric_names
+from ..models.families import sparse_attention_refusal
 from .outputs import SHAPE_KEYS
 
 
@@ -157,11 +158,15 @@ def read_model_config(model_args):
 
 
 def check_against_model(model_args, training_args, config) -> None:
-    """What the config tells before the weights load: LoRA target names, the context length, Liger."""
+    """What the config tells before the weights load: LoRA target names, the context length, sparse attention,
+    Liger."""
     if config is None:
         if getattr(training_args, "use_liger_kernel", False):
             check_liger(None)
         return
+    refusal = sparse_attention_refusal(config, training_args.model_max_length)
+    if refusal:
+        raise ArgumentError(refusal)
     limit = getattr(config, "max_position_embeddings", None)
     if limit and training_args.model_max_length > limit and int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: --model_max_length {training_args.model_max_length} is beyond the model's {limit} "

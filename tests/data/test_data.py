@@ -8,7 +8,8 @@ from conftest import QA, conversation, run, write_jsonl
 
 from minicpm_finetune.data import (IGNORE_INDEX, DataError, check_file, encode, example_of,
                                    load_conversations, read_records, to_messages, tokenize_dataset)
-from minicpm_finetune.data.encoding import ChatEncoder, TemplateError, _verification_conversations
+from minicpm_finetune.data.encoding import ChatEncoder, _verification_conversations
+from minicpm_finetune.data.rendering import TemplateError
 from minicpm_finetune.data.formats import FORMATS as REGISTRY
 from minicpm_finetune.data.formats import format_names
 from minicpm_finetune.evaluation.prompts import prompt_ids as inference_prompt_ids
@@ -201,7 +202,8 @@ def test_a_template_that_cannot_render_tools_is_refused_before_training(tmp_path
 # --------------------------------------------------------------------------- fast path and special-looking text
 
 
-@pytest.mark.parametrize("template", sorted(TEMPLATES))
+# minicpm5 learns a <think> block the generation prompt does not open: no per-role blocks, the general path always.
+@pytest.mark.parametrize("template", sorted(set(TEMPLATES) - {"minicpm5"}))
 def test_fast_path_equals_the_general_one_on_every_bundled_template(template, tiny_model, tiny_chatml_model):
     tokenizer = load_tokenizer(tiny_chatml_model if template == "chatml" else tiny_model)
     apply_template(tokenizer, TEMPLATES[template].text)
@@ -210,7 +212,10 @@ def test_fast_path_equals_the_general_one_on_every_bundled_template(template, ti
     conversations = [(m, p) for m, p in _verification_conversations()] + [(MULTI_TURN, False), (MULTI_TURN[:4], True)]
     for messages, prompt in conversations:
         fast = encoder._render_blocks(messages, prompt)
-        assert fast == encoder._render_general(messages, None, prompt)
+        if prompt:
+            assert fast.contents == encoder._content_spans(messages, None, True, None, fast.text) and not fast.replies
+        else:
+            assert [fast] == encoder._render_general(messages, None, {})
         assert fast.text == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
 
 
@@ -377,7 +382,7 @@ def test_a_record_nested_too_deeply_is_named_and_the_others_read(tmp_path, layou
 
 def test_a_template_that_raises_on_a_record_is_one_line_naming_it(tmp_path, tiny_model, capsys):
     """A user's Jinja template may refuse a conversation (raise_exception): its message and the record, one line."""
-    from minicpm_finetune.data.encoding import TemplateError
+    from minicpm_finetune.data.rendering import TemplateError
 
     tokenizer = load_tokenizer(tiny_model)
     apply_template(tokenizer, "{% if messages|length > 2 %}{{ raise_exception('one exchange only') }}{% endif %}"
@@ -394,7 +399,8 @@ def test_a_template_that_raises_on_a_record_is_one_line_naming_it(tmp_path, tiny
 
 def test_a_name_the_template_does_not_render_is_one_line_naming_the_record(tmp_path, tokenizer):
     """OpenAI's "name" (who speaks, or which tool answered) is kept only by templates that write it."""
-    from minicpm_finetune.data.encoding import TemplateError, get_encoder
+    from minicpm_finetune.data.encoding import get_encoder
+    from minicpm_finetune.data.rendering import TemplateError
 
     assert not get_encoder(tokenizer).renders_names  # neither bundled template writes names
     named = {"messages": [{"role": "user", "content": "你好", "name": "小明"}, {"role": "assistant", "content": "好"}]}

@@ -110,7 +110,7 @@ def test_native_families_are_registered_from_the_table():
 def test_a_builtin_template_knows_its_end_of_turn_token(name, tiny_chatml_model):
     tokenizer = load_tokenizer(tiny_chatml_model)
     apply_template(tokenizer, TEMPLATES[name].text)
-    assert end_of_turn_token(tokenizer) == {"minicpm": "</s>", "chatml": "<|im_end|>"}[name]
+    assert end_of_turn_token(tokenizer) == {"minicpm": "</s>", "chatml": "<|im_end|>", "minicpm5": "<|im_end|>"}[name]
 
 
 # Templates of other origins: the special token written right after a reply, else eos.
