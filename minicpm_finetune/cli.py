@@ -192,3 +192,10 @@ def check_output_path(path: str, flag: str = "--output_dir", folder: bool = True
             pass
     except OSError as e:
         raise OutputDirError(f"{flag}: cannot write in {existing} ({e.strerror})") from None
+
+
+def true_or_false(text: str) -> bool:
+    """An argparse type for flags that take true or false (argparse names it in its one-line error)."""
+    if text.lower() not in ("true", "false"):
+        raise ValueError(text)
+    return text.lower() == "true"

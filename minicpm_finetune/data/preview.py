@@ -1,6 +1,7 @@
 """The data preview command: check a data file and show its tokens and loss mask before training.
 
     python -m minicpm_finetune.data --tokenizer PATH --data FILE [--model_max_length N] [--dump OUT.jsonl]
+    python -m minicpm_finetune.data --tokenizer PATH --data FILE --audit   (ids and masks vs the chat template)
 
 A preference file (DPO pairs; told by its first record) shows the prompt and both replies with their
 scored spans instead.
@@ -12,7 +13,9 @@ import json
 import os
 import sys
 
-from ..cli import ArgumentError, FinetuneError, OneLineParser, check_output_path, command, load_error, write_atomic
+from ..cli import (ArgumentError, FinetuneError, OneLineParser, check_output_path, command, load_error, true_or_false,
+                   write_atomic)
+from .audit import audit_dataset
 from .checks import FORMATS, load_conversations
 from .encoding import IGNORE_INDEX
 from .tokenized import tokenize_dataset
@@ -76,6 +79,10 @@ def main(argv=None) -> int:
     parser.add_argument("--skip_bad_samples", action="store_true")
     parser.add_argument("--preprocessing_num_workers", type=int, default=None, help="processes that tokenize")
     parser.add_argument("--dump", default=None, help="write {input_ids, labels} per sample to this JSONL")
+    parser.add_argument("--enable_thinking", type=true_or_false, default=None,
+                        help="true/false: passed to the chat template for samples that do not set their own")
+    parser.add_argument("--audit", action="store_true", help="compare every sample's ids and masks with the chat "
+                        "template's own rendering, reply by reply; exit 1 on a difference")
     args = parser.parse_args(argv)
     if args.dump:  # before the work: a dump that cannot be written would lose it
         check_output_path(args.dump, "--dump", folder=False)
@@ -92,9 +99,15 @@ def main(argv=None) -> int:
     if is_preference_file(args.data):  # DPO pairs: prompt, chosen and rejected with their scored spans
         return preview_pairs(tokenizer, args.data, args.model_max_length, args.skip_bad_samples)
     conversations = load_conversations(args.data, args.data_format, args.skip_bad_samples)
+    if args.audit:
+        report = audit_dataset(conversations, tokenizer, args.data, args.enable_thinking)
+        for line in report.differences:
+            print(line)
+        print(report.summary(args.data))
+        return 1 if report.differences else 0
     dataset, stats = tokenize_dataset(conversations, tokenizer, args.model_max_length,
                                       args.preprocessing_num_workers, source=args.data,
-                                      skip_bad_samples=args.skip_bad_samples)
+                                      skip_bad_samples=args.skip_bad_samples, enable_thinking=args.enable_thinking)
     print(stats.summary(args.data))
     if len(dataset):
         first = dataset[0]

@@ -138,8 +138,7 @@ class ChatRenderer:
                 continue
             prompt, through = self._jinja(messages[:k], tools, True, options), throughs[k]
             if not through.startswith(prompt):
-                raise TemplateError(f"the chat template does not render reply {k + 1} after its generation prompt; "
-                                    "replies cannot be located (use --chat_template minicpm or chatml)")
+                raise _unplaced(message, k, options)
             eot = through.rfind(self.end_of_turn, len(prompt)) if self.end_of_turn else -1
             taught[k] = (len(prompt), through[: eot + len(self.end_of_turn)] if eot >= 0 else through)
         samples, pending = [], sorted(taught, reverse=True)
@@ -274,6 +273,19 @@ class ChatRenderer:
                     != self._jinja(messages, None, True, {"enable_thinking": False}))
         except Exception:  # noqa: BLE001
             return False
+
+
+def _unplaced(message: dict, k: int, options: dict) -> TemplateError:
+    """The error for a reply the template does not write after its own generation prompt (``turn``: which)."""
+    if message.get("reasoning_content") and options.get("enable_thinking") is False:
+        why = ("it has reasoning, but enable_thinking is false (the template's prompt closes the reasoning block "
+               "before the reply): drop the reasoning or set enable_thinking true")
+    else:
+        why = ("the chat template does not write it after its generation prompt, so it cannot be located (use "
+               "--chat_template minicpm, chatml or minicpm5)")
+    error = TemplateError(f"reply at message {k + 1}: {why}")
+    error.turn = k + 1
+    return error
 
 
 def _verification_conversations():

@@ -60,7 +60,7 @@ def _where(source: str | None, position) -> str:
     return _location(source, position) if source and position is not None else source or "the data"
 
 
-def _unwritable(example: dict, encoder, enable_thinking) -> str | None:
+def unwritable(example: dict, encoder) -> str | None:
     """What of this conversation the chat template would not write (lost without a word), or None."""
     messages = example["messages"]
     if not encoder.renders_names:
@@ -93,7 +93,7 @@ def _encode_rows(batch, encoder, max_length, source, skip_bad_samples=False, ena
         examples = [_load_example(text) for text in batch["example"]]
         positions = batch["position"] if "position" in batch else [None] * len(examples)
         for example, position in zip(examples, positions):
-            problem = _unwritable(example, encoder, enable_thinking)
+            problem = unwritable(example, encoder)
             if problem:
                 raise TemplateError(f"{_where(source, position)}: {problem}")
         try:

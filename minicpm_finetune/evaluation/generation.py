@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from .metrics import DEFAULT_METRICS, compute_metrics
-from .prompts import ReplyStreamer, decode_reply, prompt_ids, stop_token_ids
+from .prompts import ReplyStreamer, answer_of, decode_reply, prompt_ids, stop_token_ids
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -97,14 +97,15 @@ def generate_replies(model, tokenizer, prompts_messages: list[list[dict]], max_n
 
 def evaluate_generation(model, tokenizer, samples: list[tuple[list[dict], str]], max_new_tokens: int = 128,
                         batch_size: int = 8, show_progress: bool = True, metrics=DEFAULT_METRICS, **gen_kwargs):
-    """Generate a reply for each (prompt, reference) sample; return (predictions, metrics).
+    """Generate a reply for each (prompt, reference) sample; return (predictions, metrics). A reply is scored
+    without its reasoning (``answer_of``).
 
     metrics: those named in ``metrics`` (``compute_metrics``, x100: ROUGE-1/2/L and BLEU-4 by default,
     or accuracy) plus ``num_samples``.
     """
     predictions = generate_replies(model, tokenizer, [prompt for prompt, _ in samples], max_new_tokens,
                                    batch_size, show_progress, **gen_kwargs)
-    metrics = compute_metrics(predictions, [reference for _, reference in samples], metrics)
+    metrics = compute_metrics([answer_of(p) for p in predictions], [reference for _, reference in samples], metrics)
     metrics["num_samples"] = len(samples)
     return predictions, metrics
 

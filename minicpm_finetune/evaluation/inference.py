@@ -18,7 +18,7 @@ import os
 import sys
 
 from ..cli import (ArgumentError, OneLineParser, check_count, check_output_path, command, load_error, looks_local,
-                   print_error)
+                   print_error, true_or_false)
 
 
 def parse_args(argv=None):
@@ -49,6 +49,9 @@ def parse_args(argv=None):
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top_p", type=float, default=0.8)
+    parser.add_argument("--enable_thinking", type=true_or_false, default=None,
+                        help="true/false: passed to a hybrid-reasoning chat template (MiniCPM4.1/5) with every prompt "
+                             "(a --input_file record's own enable_thinking comes first)")
     parser.add_argument("--chat_template", default=None,
                         help="minicpm, chatml or a Jinja file (default: the one saved with the tokenizer)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -157,7 +160,7 @@ def load_model(args):
     return model.to(device).eval()
 
 
-def read_samples(path: str, data_format: str, every_turn: bool, tokenizer=None):
+def read_samples(path: str, data_format: str, every_turn: bool, tokenizer=None, enable_thinking=None):
     """(prompt messages, reference) pairs from a data file, and the record number of each (for messages);
     a file of prompts only, i.e. records of a training format without their final reply, gives
     references None. With ``tokenizer``, a reply that makes tool calls is referenced as the template writes
@@ -180,9 +183,11 @@ def read_samples(path: str, data_format: str, every_turn: bool, tokenizer=None):
         if prompts_only:
             example = example_of(row)
             tools = example.get("tools")
-            pairs = [(Prompt(example["messages"], tools) if tools else example["messages"], None)]
+            thinking = example.get("enable_thinking", enable_thinking)
+            pairs = [(Prompt(example["messages"], tools, thinking) if tools or thinking is not None
+                      else example["messages"], None)]
         else:
-            pairs = eval_samples([row], every_turn, tokenizer)
+            pairs = eval_samples([row], every_turn, tokenizer, enable_thinking)
         samples += pairs
         numbers += [row["position"]] * len(pairs)
     return samples, numbers
@@ -225,6 +230,7 @@ def predict_file(model, tokenizer, args, gen_kwargs, samples, prompts) -> None:
     """Predictions for ``samples`` (written with their full input) from their fitted ``prompts``, and metrics."""
     from .generation import generate_replies
     from .metrics import compute_metrics
+    from .prompts import answer_of
     from .results import save_metrics, save_predictions
 
     predictions = generate_replies(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, **gen_kwargs)
@@ -232,7 +238,8 @@ def predict_file(model, tokenizer, args, gen_kwargs, samples, prompts) -> None:
     print(f"wrote {len(predictions)} predictions to {args.output_file}")
     references = [reference for _, reference in samples]
     if None not in references:
-        metrics = dict(compute_metrics(predictions, references, args.eval_metrics), num_samples=len(samples))
+        answers = [answer_of(p) for p in predictions]  # scored without their reasoning
+        metrics = dict(compute_metrics(answers, references, args.eval_metrics), num_samples=len(samples))
         metrics_file = args.metrics_file or os.path.splitext(args.output_file)[0] + ".metrics.json"
         save_metrics(metrics_file, metrics)
         print(json.dumps(metrics, ensure_ascii=False))
@@ -257,7 +264,7 @@ def reply_to(model, tokenizer, messages, args, gen_kwargs, prefix: str = "") -> 
 def chat(model, tokenizer, args, gen_kwargs) -> int:
     """Multi-turn chat on stdin; also works with stdin a pipe (no prompts are shown then).
     Returns the exit status: 2 if a message was too long to send, else 0."""
-    from .prompts import PromptTooLong, fit_prompt
+    from .prompts import PromptTooLong, answer_of, fit_prompt
 
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
@@ -285,7 +292,7 @@ def chat(model, tokenizer, args, gen_kwargs) -> int:
         if not text:
             continue
         try:
-            fitted, dropped = fit_prompt(tokenizer, history + [{"role": "user", "content": text}],
+            fitted, dropped = fit_prompt(tokenizer, with_thinking(history + [{"role": "user", "content": text}], args),
                                          args.max_length, args.max_new_tokens)
         except PromptTooLong as e:  # the conversation goes on without this message
             print_error(too_long_text("this message", e) + "; not sent")
@@ -296,8 +303,15 @@ def chat(model, tokenizer, args, gen_kwargs) -> int:
             print(f"(dropped {what} to fit --max_length {args.max_length})", flush=True)
         history = fitted
         reply = reply_to(model, tokenizer, history, args, gen_kwargs, prefix="Assistant: ")
-        history.append({"role": "assistant", "content": reply})
+        history.append({"role": "assistant", "content": answer_of(reply)})  # earlier reasoning is not sent again
     return status
+
+
+def with_thinking(messages: list[dict], args) -> list[dict]:
+    """The messages as a prompt rendered with --enable_thinking, when given."""
+    from .prompts import Prompt
+
+    return messages if args.enable_thinking is None else Prompt(messages, None, args.enable_thinking)
 
 
 def fit_max_length(args, config, tokenizer) -> None:
@@ -317,8 +331,8 @@ def one_prompt(tokenizer, args) -> list[dict]:
     """--prompt (after --system) as messages, checked to fit --max_length."""
     from .prompts import PromptTooLong, fit_prompt
 
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-               [{"role": "user", "content": args.prompt}]
+    messages = with_thinking(([{"role": "system", "content": args.system}] if args.system else []) +
+                             [{"role": "user", "content": args.prompt}], args)
     try:
         fit_prompt(tokenizer, messages, args.max_length, args.max_new_tokens)
     except PromptTooLong as e:
@@ -343,7 +357,8 @@ def main(argv=None) -> int:
     fit_max_length(args, config, tokenizer)
     # Prompts are checked before the weights load, so a bad one is reported at once.
     if args.input_file:
-        samples, numbers = read_samples(args.input_file, args.data_format, args.every_turn, tokenizer)
+        samples, numbers = read_samples(args.input_file, args.data_format, args.every_turn, tokenizer,
+                                        args.enable_thinking)
         prompts = fit_file_prompts(tokenizer, samples, numbers, args)
     elif args.prompt is not None:
         messages = one_prompt(tokenizer, args)

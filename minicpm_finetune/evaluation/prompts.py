@@ -17,21 +17,29 @@ import re
 import sys
 from typing import Callable
 
+from ..data.messages import THINK_CLOSE
 from ..data.templates import end_of_turn_token
 
 
 class Prompt(list):
-    """A prompt's messages that carry the conversation's tool list (``tools``) along."""
+    """A prompt's messages that carry the conversation's tool list (``tools``) and ``enable_thinking`` along."""
 
-    def __init__(self, messages=(), tools=None):
+    def __init__(self, messages=(), tools=None, enable_thinking=None):
         super().__init__(messages)
         self.tools = tools
+        self.enable_thinking = enable_thinking
+
+    def like(self, messages) -> "Prompt":
+        """Other messages with this prompt's tools and enable_thinking."""
+        return Prompt(messages, self.tools, self.enable_thinking)
 
 
-def eval_samples(conversations, every_turn: bool = False, tokenizer=None) -> list[tuple[list[dict], str]]:
+def eval_samples(conversations, every_turn: bool = False, tokenizer=None,
+                 enable_thinking=None) -> list[tuple[list[dict], str]]:
     """(prompt messages, reference) pairs: the conversation up to its last assistant turn and that reply,
-    or, with ``every_turn``, one pair per assistant turn. A conversation with tools gives ``Prompt``s
-    that carry them. A reply that makes tool calls is, with ``tokenizer``, the text the chat template gives
+    or, with ``every_turn``, one pair per assistant turn. A conversation with tools or ``enable_thinking`` (its
+    own, else the argument) gives ``Prompt``s that carry them; the reference is a reply's answer (its reasoning
+    is not scored). A reply that makes tool calls is, with ``tokenizer``, the text the chat template gives
     that turn (calls included), read as a generated reply is (``reply_text``); else its content alone.
 
     ``conversations`` holds message lists, ``{"messages": [...]}`` records or rows of
@@ -43,9 +51,10 @@ def eval_samples(conversations, every_turn: bool = False, tokenizer=None) -> lis
     for conversation in conversations:
         example = example_of(conversation)
         messages, tools = example["messages"], example.get("tools")
+        thinking = example.get("enable_thinking", enable_thinking)
         replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         for i in replies if every_turn else replies[-1:]:
-            prompt = Prompt(messages[:i], tools) if tools else list(messages[:i])
+            prompt = Prompt(messages[:i], tools, thinking) if tools or thinking is not None else list(messages[:i])
             calls = tokenizer is not None and messages[i].get("tool_calls")
             samples.append((prompt, reply_text(tokenizer, prompt, messages[i]) if calls else messages[i]["content"]))
     return samples
@@ -56,7 +65,8 @@ def reply_text(tokenizer, prompt: list[dict], reply: dict) -> str:
     (what training learns), read back as ``decode_reply`` reads generated ones."""
     from ..data.encoding import IGNORE_INDEX, encode
 
-    row = encode(tokenizer, list(prompt) + [reply], tools=getattr(prompt, "tools", None))
+    row = encode(tokenizer, list(prompt) + [reply], tools=getattr(prompt, "tools", None),
+                 enable_thinking=getattr(prompt, "enable_thinking", None))
     learned = [token for token, label in zip(row["input_ids"], row["labels"]) if label != IGNORE_INDEX]
     return decode_reply(tokenizer, learned, stop_token_ids(tokenizer))
 
@@ -92,7 +102,8 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     text), so they equal the ids training saw before the reply."""
     from ..data.encoding import get_encoder
 
-    return get_encoder(tokenizer).prompt_ids(list(messages), getattr(messages, "tools", None))
+    return get_encoder(tokenizer).prompt_ids(list(messages), getattr(messages, "tools", None),
+                                             getattr(messages, "enable_thinking", None))
 
 
 def prompt_length(tokenizer, messages: list[dict]) -> int:
@@ -108,7 +119,7 @@ def fit_prompt(tokenizer, messages: list[dict], max_length: int | None,
     raise ``PromptTooLong``. ``max_length`` None: no limit, the messages come back unchanged.
     """
     if max_length is None:
-        return (Prompt(messages, messages.tools) if getattr(messages, "tools", None) else list(messages)), 0
+        return (messages.like(messages) if isinstance(messages, Prompt) else list(messages)), 0
     if max_new_tokens >= max_length:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt within {max_length} tokens")
     budget = max_length - max_new_tokens
@@ -118,8 +129,8 @@ def fit_prompt(tokenizer, messages: list[dict], max_length: int | None,
     # Each try renders the whole prompt again: templates need not be a sum of per-turn pieces.
     for dropped, start in enumerate(starts):
         candidate = system + turns[start if dropped else 0:]  # nothing dropped: all turns, as given
-        if getattr(messages, "tools", None):
-            candidate = Prompt(candidate, messages.tools)
+        if isinstance(messages, Prompt):
+            candidate = messages.like(candidate)
         length = prompt_length(tokenizer, candidate)
         if length <= budget:
             return candidate, dropped
@@ -138,10 +149,22 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 def decode_reply(tokenizer, new_tokens: list[int], stop_ids) -> str:
     """The reply text of generated ids: cut at the first stop token (what follows is padding of a
-    finished row), special tokens skipped, stripped."""
+    finished row), special tokens skipped, stripped; a hybrid-reasoning model's ``</think>`` stays in the text
+    (also where it is a special token) so that ``answer_of`` can tell the reasoning from the answer."""
     ends = [k for k, token in enumerate(new_tokens) if token in stop_ids]
     new_tokens = new_tokens[:ends[0]] if ends else new_tokens
+    close = tokenizer.convert_tokens_to_ids(THINK_CLOSE)
+    if close is not None and close != tokenizer.unk_token_id and close in new_tokens:
+        at = len(new_tokens) - 1 - new_tokens[::-1].index(close)
+        reasoning = tokenizer.decode(new_tokens[:at], skip_special_tokens=True).strip()
+        answer = tokenizer.decode(new_tokens[at + 1:], skip_special_tokens=True).strip()
+        return f"{reasoning}\n{THINK_CLOSE}\n\n{answer}".strip()
     return tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+def answer_of(reply: str) -> str:
+    """A reply without its reasoning (what is scored): the text after its last ``</think>``."""
+    return reply.rsplit(THINK_CLOSE, 1)[-1].strip()
 
 
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")

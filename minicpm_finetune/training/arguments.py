@@ -60,6 +60,12 @@ class DataArguments:
     skip_bad_samples: bool = field(default=False, metadata={"help": "drop bad records instead of stopping"})
     preprocessing_num_workers: int | None = field(default=None, metadata={
         "help": "processes that tokenize the data (default: one; the tokenizer itself uses every core)"})
+    enable_thinking: bool | None = field(default=None, metadata={
+        "help": "true/false: passed to a hybrid-reasoning chat template (MiniCPM4.1/5) for the samples that do not "
+                "set their own enable_thinking (default: the template's own default)"})
+    template_audit: int = field(default=32, metadata={
+        "help": "conversations of the training data whose ids and masks are compared with the chat template's own "
+                "rendering before the model loads; a difference stops the run (0: no audit)"})
 
     def __post_init__(self):
         check_data_arguments(self)

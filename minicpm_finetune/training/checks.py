@@ -52,6 +52,9 @@ def check_data_arguments(data_args) -> None:
             raise ArgumentError(f"--{name} {path}: file not found")
     if data_args.preprocessing_num_workers is not None and data_args.preprocessing_num_workers <= 0:
         raise ArgumentError(f"--preprocessing_num_workers must be positive, got {data_args.preprocessing_num_workers}")
+    if data_args.template_audit < 0:
+        raise ArgumentError(f"--template_audit must be 0 (no audit) or a number of conversations, got "
+                            f"{data_args.template_audit}")
 
 
 def check_training_arguments(training_args) -> None:

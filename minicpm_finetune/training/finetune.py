@@ -20,6 +20,7 @@ from minicpm_finetune.training.checks import check_against_model, read_model_con
 from minicpm_finetune.cli import command, fail, load_error, print_error
 from minicpm_finetune.evaluation.curves import plot_training_curves
 from minicpm_finetune.data import IGNORE_INDEX, DataError, check_files, load_conversations, tokenize_dataset
+from minicpm_finetune.data.audit import check_template_parity
 from minicpm_finetune.models.families import note
 from minicpm_finetune.evaluation.generation import generation_kwargs
 from minicpm_finetune.evaluation.metrics import parse_metric_names
@@ -127,11 +128,16 @@ def prepare_data(data_args, training_args, tokenizer):
         for name, path in splits.items():
             conversations = load_conversations(path, data_args.data_format, data_args.skip_bad_samples, log,
                                                check=checks[name])
+            if name == "train":  # the ids and masks to train on, checked against the template's own rendering
+                check_template_parity(conversations, tokenizer, path, data_args.enable_thinking,
+                                      data_args.template_audit)
             datasets[name], stats = tokenize_dataset(conversations, tokenizer, training_args.model_max_length,
                                                      data_args.preprocessing_num_workers, source=path,
-                                                     skip_bad_samples=data_args.skip_bad_samples)
+                                                     skip_bad_samples=data_args.skip_bad_samples,
+                                                     enable_thinking=data_args.enable_thinking)
             if name != "train":
-                samples[name] = eval_samples(conversations, training_args.eval_every_turn, tokenizer)
+                samples[name] = eval_samples(conversations, training_args.eval_every_turn, tokenizer,
+                                             data_args.enable_thinking)
             if training_args.process_index == 0:
                 print(stats.summary(f"{name} ({path})"))
             if not len(datasets[name]):
