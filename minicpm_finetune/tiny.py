@@ -1,6 +1,6 @@
 """A tiny MiniCPM and a SentencePiece tokenizer trained on the fly, for tests and the CPU demo.
 
-    python -m minicpm_finetune.tiny --output_dir DIR [--data FILE ...] [--chat_template minicpm|chatml]
+    python -m minicpm_finetune.tiny --output_dir DIR [--data FILE ...] [--chat_template minicpm|chatml|minicpm5]
         [--pretrain_steps N]
 
 The model has MiniCPM's architecture and non-trivial muP scalings; the tokenizer is a byte-fallback
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     parser = OneLineParser(prog="python -m minicpm_finetune.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--data", nargs="*", default=[], help="data files whose text trains the tokenizer")
-    parser.add_argument("--chat_template", choices=["minicpm", "chatml"], default="minicpm")
+    parser.add_argument("--chat_template", choices=["minicpm", "chatml", "minicpm5"], default="minicpm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain_steps", type=int, default=300,
                         help="language-modelling steps on the tokenizer's texts so the model learns like a real one "

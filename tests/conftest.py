@@ -138,3 +138,22 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+# A hybrid-reasoning template written for the tests, in the style of MiniCPM5-1B's and Qwen3's: a reply's
+# <think> block is rendered only after the last user message; the generation prompt closes an empty block when
+# enable_thinking is false.
+STRIPPING = (
+    "{%- set ns = namespace(last_user=-1) -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if loop.index0 > ns.last_user -%}"
+    "{{- '<think>\\n' + (m['reasoning_content'] or '') + '\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{{- m['content'] + '<|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and not enable_thinking -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
+    "{%- endif -%}")

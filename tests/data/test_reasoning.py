@@ -9,7 +9,7 @@ The reference throughout is the chat template itself, rendered by Jinja: for rep
 import json
 
 import pytest
-from conftest import run, write_jsonl
+from conftest import STRIPPING, run, write_jsonl
 
 from minicpm_finetune.data import load_conversations, tokenize_dataset
 from minicpm_finetune.data.audit import audit_conversation, audit_dataset
@@ -20,23 +20,6 @@ from minicpm_finetune.data.rendering import TemplateError
 from minicpm_finetune.data.templates import TEMPLATES, apply_template
 from minicpm_finetune.data.tokenizer import load_tokenizer
 
-# A hybrid-reasoning template written for these tests, in the style of MiniCPM5-1B's and Qwen3's: a reply's
-# <think> block is rendered only after the last user message; the generation prompt closes an empty block when
-# enable_thinking is false.
-STRIPPING = (
-    "{%- set ns = namespace(last_user=-1) -%}"
-    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- for m in messages -%}"
-    "{%- if m['role'] == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if loop.index0 > ns.last_user -%}"
-    "{{- '<think>\\n' + (m['reasoning_content'] or '') + '\\n</think>\\n\\n' -}}{%- endif -%}"
-    "{{- m['content'] + '<|im_end|>\\n' -}}"
-    "{%- else -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if enable_thinking is defined and not enable_thinking -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
-    "{%- endif -%}")
 # A broken one: the generation prompt ends with a space that the reply's first word takes into its token.
 TRAILING_SPACE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
                   "{% if m['role'] == 'assistant' %}<|im_end|>{% endif %}\n{% endfor %}"

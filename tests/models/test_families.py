@@ -238,3 +238,46 @@ def test_a_run_trains_with_the_family_defaults_and_one_note(model_type, tmp_path
     with open(output_dir / "trainer_state.json") as f:
         train_losses = [e["loss"] for e in json.load(f)["log_history"] if "loss" in e]
     assert train_losses[-1] < train_losses[0], train_losses
+
+
+# ------------------------------------------------------------------------------ MiniCPM4/4.1 and MiniCPM5
+
+
+def test_minicpm5_a_llama_with_its_vocabulary_takes_its_template_and_ends_turns_with_im_end(tmp_path, data_dir):
+    """MiniCPM5 is a Llama whose tokenizer holds <|im_start|>, <|im_end|>, <think>, </think>: without a template of
+    its own it gets the minicpm5 one (its <|im_end|> ends turns); a Llama-format MiniCPM-2B (no such tokens) keeps
+    minicpm. LoRA targets: the Llama projections."""
+    from minicpm_finetune.tiny import build_tokenizer
+
+    build_tokenizer(str(tmp_path / "tok"), [], chat_template="minicpm5")
+    tokenizer = load_tokenizer(str(tmp_path / "tok"))
+    tokenizer.chat_template = None
+    assert resolve_chat_template(tokenizer, "llama") == TEMPLATES["minicpm5"].text
+    assert resolve_chat_template(tokenizer, "minicpm") == MINICPM_TEMPLATE  # MiniCPM-1/2/4's fallback
+    apply_template(tokenizer, TEMPLATES["minicpm5"].text)
+    assert end_of_turn_token(tokenizer) == "<|im_end|>"
+    config = TINY_CONFIGS["llama"]()
+    assert family_of(config).name == "Llama-format MiniCPM, MiniCPM5" and family_of(config).lora_targets(config) == [
+        "q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("dense_len, max_length, refused", [(8192, 512, False), (8192, 8192, True), (-1, 512, True)])
+def test_minicpm4_sparse_attention_trains_dense_below_dense_len_and_is_refused_beyond(dense_len, max_length,
+                                                                                      refused):
+    """MiniCPM4/4.1's sparse_config (InfLLM v2): below dense_len the model itself attends densely, as the native
+    model does; a run reaching dense_len (or dense_len -1: always sparse) is one line before anything loads."""
+    from types import SimpleNamespace
+
+    from minicpm_finetune.training.checks import check_against_model
+    from minicpm_finetune.tiny import tiny_config
+
+    config = tiny_config(VOCAB, sparse_config={"kernel_size": 32, "dense_len": dense_len})
+    model_args = SimpleNamespace(use_lora=False)
+    training_args = SimpleNamespace(model_max_length=max_length, use_liger_kernel=False)
+    if refused:
+        with pytest.raises(ArgumentError, match="sparse_config asks for InfLLM v2 sparse attention") as error:
+            check_against_model(model_args, training_args, config)
+        assert "\n" not in str(error.value)
+    else:
+        check_against_model(model_args, training_args, config)
+    assert family_of(config).name == "MiniCPM-1/2/4/4.1"
