@@ -14,11 +14,13 @@ from transformers import Trainer
 
 from ..evaluation.generation import evaluate_generation
 from ..export.portable import PortableSaves
+from .first_loss import FirstLossCheck
 from .safety import NonFiniteLossGuard
 
 
-class MiniCPMTrainer(PortableSaves, NonFiniteLossGuard, Trainer):
-    """``Trainer`` that, at an evaluation, also generates replies for the split's samples and scores them.
+class MiniCPMTrainer(PortableSaves, NonFiniteLossGuard, FirstLossCheck, Trainer):
+    """``Trainer`` that, at an evaluation, also generates replies for the split's samples and scores them
+    (and, with ``FirstLossCheck``, prints the first training batch's loss against ln(vocab)).
 
     generation_samples: (prompt messages, reference) pairs (``prompts.eval_samples``) by the evaluation's
         ``metric_key_prefix``, the name ``Trainer`` gives a split's metrics: e.g. {"eval": validation samples,

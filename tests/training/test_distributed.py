@@ -88,6 +88,8 @@ def test_lora_under_zero3_saves_the_trained_adapter(tmp_path, tiny_model, data_d
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
     assert_both_processes_trained(log)
+    # The first-loss check: all-reduced over both processes, said once by the first, no warning for the tiny model.
+    assert log.count("first batch loss: ") == 1 and "warning: the first batch loss" not in log, log[-5000:]
 
     from transformers import AutoConfig
 

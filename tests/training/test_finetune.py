@@ -36,10 +36,13 @@ def logits(model, tokenizer):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_training_learns_and_saved_output_loads_back(tmp_path, tiny_model, data_dir, mode):
+def test_training_learns_and_saved_output_loads_back(tmp_path, tiny_model, data_dir, mode, capsys):
     output_dir = tmp_path / mode
     extra = ["--use_lora", "--learning_rate", "2e-2"] if mode == "lora" else ["--learning_rate", "5e-3"]
     trainer = train(tiny_model, data_dir, output_dir, *extra)
+    # The first-loss check: one line before step 1; the tiny model (scalings applied) is not far above ln(vocab).
+    out = capsys.readouterr().out
+    assert out.count("first batch loss: ") == 1 and "warning: the first batch loss" not in out, out[-3000:]
     train_losses, eval_losses = losses(output_dir)
     assert train_losses[-1] < (0.9 if mode == "lora" else 0.8) * train_losses[0], train_losses
     assert eval_losses[-1] < eval_losses[0], eval_losses
