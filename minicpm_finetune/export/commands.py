@@ -287,20 +287,27 @@ def export_gguf(model: str, output_dir: str, outtype: str = "f16", check: bool =
     """Write ``model-OUTTYPE.gguf`` and an Ollama ``Modelfile`` for a MiniCPM or Llama-layout model folder, or a
     LoRA adapter (merged on the fly, in fp32); the parity gate reads the file back and runs it through
     llama.cpp when llama-cpp-python is installed, before the folder is moved into place (gguf.py, parity.py)."""
-    from ..data.tokenizer import has_tokenizer, load_chat_tokenizer, tokenizer_folder
+    from ..data.tokenizer import SENTENCEPIECE_FILE, has_tokenizer, load_chat_tokenizer, tokenizer_folder
     from .gguf import check_written_tensors, gguf_file_name, modelfile, write_gguf
     from .parity import check_gguf, stop_ids
 
-    if os.path.isfile(os.path.join(model, "adapter_config.json")):
+    adapter = os.path.isfile(os.path.join(model, "adapter_config.json"))
+    if adapter:
         base, named_in = _adapter_base(model)
-        _check_output_dir(output_dir)
-        merged, _, ref = _merged(model, base, named_in, check)
         source = model if has_tokenizer(model) else base  # where the tokenizer trained with is
     else:
         _check_model_dir(model)
-        _check_output_dir(output_dir)
+        source = model
+    tokenizer_dir = tokenizer_folder(source)
+    if tokenizer_dir is None or not os.path.isfile(os.path.join(tokenizer_dir, SENTENCEPIECE_FILE)):
+        raise ExportError(f"no {SENTENCEPIECE_FILE} in {tokenizer_dir or source}: GGUF export writes SentencePiece "
+                          "vocabularies (MiniCPM-1/2/4 and the outputs of this toolkit)")
+    _check_output_dir(output_dir)
+    if adapter:
+        merged, _, ref = _merged(model, base, named_in, check)
+    else:
         merged, _ = _load_full_model(model)
-        ref, source = _reference(merged, model, [model], check), model
+        ref = _reference(merged, model, [model], check)
     if family_of(merged.config).llama_export:
         llama = fold_into_llama(merged)
     elif merged.config.model_type == "llama":
@@ -308,9 +315,7 @@ def export_gguf(model: str, output_dir: str, outtype: str = "f16", check: bool =
     else:
         raise ExportError(f"GGUF export takes a MiniCPM-1/2/4 or Llama-layout model, got "
                           f"'{merged.config.model_type}': {model}")
-    tokenizer, tokenizer_dir = load_chat_tokenizer(source), tokenizer_folder(source)
-    if tokenizer_dir is None:
-        raise ExportError(f"no tokenizer files in {source}")
+    tokenizer = load_chat_tokenizer(source)
     name = gguf_file_name(outtype)
     with atomic_path(output_dir, folder=True) as tmp_dir:
         path = os.path.join(tmp_dir, name)
