@@ -1,4 +1,4 @@
-"""python -m minicpm_finetune.export: merge or llama (commands.py)."""
+"""python -m minicpm_finetune.export: merge, llama or gguf (commands.py)."""
 
 import sys
 

@@ -30,6 +30,7 @@ from minicpm_finetune.data.packing import PackingCollator, pack_dataset, packing
 from minicpm_finetune.training.outputs import (check_output_dir, clear_previous_run, lock_output_dir, out_of_space,
                                       save_final_model, unlock_output_dir)
 from minicpm_finetune.evaluation.prompts import eval_samples
+from minicpm_finetune.export.parity import MAX_PROMPTS, save_check_prompts
 from minicpm_finetune.evaluation.results import save_metrics, save_predictions
 from minicpm_finetune.training.safety import (AlreadyTrained, NonFiniteLossError, NothingLeftToTrain, ProcessReport,
                                               StopOnSignal, checkpoint_step, latest_checkpoint, resolve_resume)
@@ -117,7 +118,8 @@ def load_tokenizer_of(model_args):
 def prepare_data(data_args, training_args, tokenizer):
     """Check, load and tokenize every split; print what was truncated or skipped.
 
-    Returns the tokenized datasets and the (prompt, reference) samples of eval/test for generation.
+    Returns the tokenized datasets and the (prompt, reference) samples of eval/test for generation (and of the
+    first few training conversations under "train", for the parity check of the run's exports).
     """
     splits = {"train": data_args.train_data_path, "eval": data_args.eval_data_path, "test": data_args.test_data_path}
     splits = {name: path for name, path in splits.items() if path}
@@ -138,6 +140,9 @@ def prepare_data(data_args, training_args, tokenizer):
             if name != "train":
                 samples[name] = eval_samples(conversations, training_args.eval_every_turn, tokenizer,
                                              data_args.enable_thinking)
+            else:  # the first prompts, stored with the run for the parity check of its exports (export/parity.py)
+                first = [conversations[i] for i in range(min(MAX_PROMPTS, len(conversations)))]
+                samples[name] = eval_samples(first, enable_thinking=data_args.enable_thinking)
             if training_args.process_index == 0:
                 print(stats.summary(f"{name} ({path})"))
             if not len(datasets[name]):
@@ -223,6 +228,9 @@ def main(argv=None):
         collator = PackingCollator(tokenizer, flatten=flash, fallback=collator)
 
     claim_output_dir(model_args, training_args, settings)
+    check_prompts = [list(prompt) for prompt, _ in samples.pop("train")]
+    if training_args.process_index == 0:
+        save_check_prompts(training_args.output_dir, check_prompts)
     model = load_model(model_args, training_args)
     generation_samples = scored_samples(samples, training_args)
     trainer = MiniCPMTrainer(

@@ -37,7 +37,7 @@ RUN_FILE_PATTERNS = ("config.json", "adapter_config.json", "generation_config.js
                      "adapter_model.safetensors", "adapter_model.bin", "training_args.bin", "trainer_state.json")
 # What the end of a run writes beside the model (--overwrite_output_dir removes them too).
 RESULT_FILES = ("test_metrics.json", "test_predictions.jsonl", "training_curves.png", "all_results.json",
-                "train_results.json", "eval_results.json")
+                "train_results.json", "eval_results.json", "check_prompts.json")
 # A full fine-tune resumes only onto a model of the same type and shape.
 SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
 _held_locks = []  # open lock files: the lock lasts as long as the file stays open

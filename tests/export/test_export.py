@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -132,9 +133,10 @@ def test_merge_keeps_base_dtype_unless_told(adapter_dir, tmp_path):
 # ---------------------------------------------------------------- bad arguments
 
 
-def error_line(capsys):
+def error_line(capsys, starting=""):
+    """The one line on stderr (``starting``: the one line that starts so, transformers' progress aside)."""
     err = capsys.readouterr().err
-    lines = err.strip().splitlines()
+    lines = [line for line in err.strip().splitlines() if line.startswith(starting)]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 
@@ -179,3 +181,58 @@ def test_cli_bad_argument_has_no_traceback(tmp_path):
     result = run_cli("merge", "--adapter", tmp_path / "nowhere", "--output_dir", tmp_path / "out")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: adapter folder not found: {tmp_path / 'nowhere'}"]
+
+
+# ---------------------------------------------------------------- the parity gate
+
+
+def test_llama_and_merge_print_parity_and_refuse_a_corrupted_result(adapter_dir, tmp_path, capsys, monkeypatch):
+    import minicpm_finetune.export.commands as commands
+    from minicpm_finetune.export.parity import PROMPTS_FILE
+
+    # Prompts stored with the run, in words this word-level tokenizer knows (the built-in ones are all <unk> here).
+    prompts = [[{"role": "user", "content": " ".join(f"w{(7 * i + j) % (VOCAB - 3) + 3}" for j in range(6))}]
+               for i in range(3)]
+    random_minicpm().save_pretrained(tmp_path / "minicpm")
+    tiny_tokenizer().save_pretrained(tmp_path / "minicpm")  # a template that renders the prompt (the base's does not)
+    for folder in (tmp_path / "minicpm", adapter_dir):
+        (folder / PROMPTS_FILE).write_text(json.dumps(prompts))
+    assert main(["llama", "--model", str(tmp_path / "minicpm"), "--output_dir", str(tmp_path / "llama")]) == 0
+    assert main(["merge", "--adapter", str(adapter_dir), "--output_dir", str(tmp_path / "merged")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(f"parity (float32 model vs source, 3 prompts from the run's {PROMPTS_FILE}): ") == 2
+    assert printed.count("token ids 3/3 equal") == 2
+    assert json.loads((tmp_path / "merged" / PROMPTS_FILE).read_text()) == prompts  # kept for its own exports
+
+    fold = commands.fold_into_llama
+
+    def corrupted_fold(model):  # one weight off by a visible amount
+        llama = fold(model)
+        with torch.no_grad():
+            llama.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+        return llama
+
+    monkeypatch.setattr(commands, "fold_into_llama", corrupted_fold)
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["llama", "--model", str(tmp_path / "minicpm"), "--output_dir", str(tmp_path / "bad_llama")])
+    assert re.match(r"error: .*bad_llama: float32 model differs from its source: max \|logit diff\| \S+ > \S+ "
+                    r"\(float32 tolerance\) on .*; nothing was written", error_line(capsys, "error"))
+
+    from peft.tuners.tuners_utils import BaseTuner  # what PeftModel.merge_and_unload runs
+
+    merge_and_unload = BaseTuner.merge_and_unload
+
+    def corrupted_merge(self, *args, **kwargs):
+        merged = merge_and_unload(self, *args, **kwargs)
+        with torch.no_grad():
+            merged.model.layers[0].self_attn.o_proj.weight.mul_(3.0)
+        return merged
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", corrupted_merge)
+    with pytest.raises(SystemExit, match="^2$"):
+        main(["merge", "--adapter", str(adapter_dir), "--output_dir", str(tmp_path / "bad_merge")])
+    assert "bad_merge: float32 model differs from its source" in error_line(capsys, "error")
+    assert only_children(tmp_path) == ["adapter", "base", "llama", "merged", "minicpm"]  # nothing of the refused
+    # --no_check writes what it is given, without a parity line
+    assert main(["merge", "--adapter", str(adapter_dir), "--output_dir", str(tmp_path / "raw"), "--no_check"]) == 0
+    assert "parity" not in capsys.readouterr().out

@@ -330,3 +330,15 @@ def test_copy_tokenizer_replaces_the_saved_one_and_records_template_and_pad_toke
     assert (plain / "tokenizer_config.json").read_bytes() == (source / "tokenizer_config.json").read_bytes()
     assert (plain / "chat_template.jinja").read_text() == "base's"
 
+
+
+@pytest.mark.slow
+def test_a_run_stores_its_first_training_prompts_for_the_parity_check(outputs, data_dir):
+    """finetune.py writes them; merge and the Llama export keep them for the gate of their own exports."""
+    from minicpm_finetune.export.parity import MAX_PROMPTS, PROMPTS_FILE
+
+    with open(data_dir / "train.jsonl", encoding="utf-8") as f:
+        first = [json.loads(line)["messages"][:-1] for line in f.readlines()[:MAX_PROMPTS]]
+    for name in ("lora", "full", "merged", "llama"):
+        with open(outputs[name] / PROMPTS_FILE, encoding="utf-8") as f:
+            assert json.load(f) == first, name

@@ -847,7 +847,7 @@ def run_bytes(args, stdin=b""):
     return subprocess.run(args, cwd=ROOT, input=stdin, capture_output=True, timeout=600)
 
 
-@pytest.mark.parametrize("command", ["llama", "merge"])
+@pytest.mark.parametrize("command", ["llama", "merge", "gguf"])
 @pytest.mark.parametrize("where, message", [("a_file", "a_file is a file, not a folder"),
                                             ("a_file/out", "a_file is a file, not a folder")])
 def test_export_checks_its_output_path_before_loading(tmp_path, tiny_model, capsys, monkeypatch, command, where,
@@ -866,7 +866,8 @@ def test_export_checks_its_output_path_before_loading(tmp_path, tiny_model, caps
 
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", never)
     (tmp_path / "a_file").write_text("not a folder")
-    source = ["--model", tiny_model] if command == "llama" else ["--adapter", str(adapter)]
+    source = {"llama": ["--model", tiny_model], "merge": ["--adapter", str(adapter)],
+              "gguf": ["--model", str(adapter)]}[command]
     capsys.readouterr()  # the adapter's loading bars
     with pytest.raises(SystemExit, match="^2$"):
         export.main([command, *source, "--output_dir", str(tmp_path / where)])
