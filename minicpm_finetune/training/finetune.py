@@ -295,6 +295,12 @@ def run() -> int:
     except KeyboardInterrupt:
         print_error("interrupted (Ctrl-C) before training started; nothing to resume")
         return 130
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Everything is saved and the process group is gone; C++ threads gloo or DeepSpeed leave behind can still
+        # abort the interpreter's teardown ("terminate called without an active exception"), failing a good run.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
