@@ -287,8 +287,9 @@ def export_gguf(model: str, output_dir: str, outtype: str = "f16", check: bool =
     """Write ``model-OUTTYPE.gguf`` and an Ollama ``Modelfile`` for a MiniCPM or Llama-layout model folder, or a
     LoRA adapter (merged on the fly, in fp32); the parity gate reads the file back and runs it through
     llama.cpp when llama-cpp-python is installed, before the folder is moved into place (gguf.py, parity.py)."""
-    from ..data.tokenizer import SENTENCEPIECE_FILE, has_tokenizer, load_chat_tokenizer, tokenizer_folder
+    from ..data.tokenizer import has_tokenizer, load_chat_tokenizer, tokenizer_folder
     from .gguf import check_written_tensors, gguf_file_name, modelfile, write_gguf
+    from .gguf_vocab import vocabulary
     from .parity import check_gguf, stop_ids
 
     adapter = os.path.isfile(os.path.join(model, "adapter_config.json"))
@@ -299,9 +300,10 @@ def export_gguf(model: str, output_dir: str, outtype: str = "f16", check: bool =
         _check_model_dir(model)
         source = model
     tokenizer_dir = tokenizer_folder(source)
-    if tokenizer_dir is None or not os.path.isfile(os.path.join(tokenizer_dir, SENTENCEPIECE_FILE)):
-        raise ExportError(f"no {SENTENCEPIECE_FILE} in {tokenizer_dir or source}: GGUF export writes SentencePiece "
-                          "vocabularies (MiniCPM-1/2/4 and the outputs of this toolkit)")
+    if tokenizer_dir is None:
+        raise ExportError(f"no tokenizer in {source}: GGUF export writes the vocabulary trained with")
+    tokenizer = load_chat_tokenizer(source)
+    vocabulary(tokenizer_dir, tokenizer)  # one that llama.cpp cannot run alike is refused before the model loads
     _check_output_dir(output_dir)
     if adapter:
         merged, _, ref = _merged(model, base, named_in, check)
@@ -315,7 +317,6 @@ def export_gguf(model: str, output_dir: str, outtype: str = "f16", check: bool =
     else:
         raise ExportError(f"GGUF export takes a MiniCPM-1/2/4 or Llama-layout model, got "
                           f"'{merged.config.model_type}': {model}")
-    tokenizer = load_chat_tokenizer(source)
     name = gguf_file_name(outtype)
     with atomic_path(output_dir, folder=True) as tmp_dir:
         path = os.path.join(tmp_dir, name)

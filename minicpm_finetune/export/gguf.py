@@ -10,23 +10,19 @@ rows are reordered per head from transformers' rotary layout (the two halves of 
 rotates for this architecture (adjacent pairs). 2-D weights are stored in the outtype (``q8_0`` needs rows of
 whole 32-value blocks, else that tensor is f16); 1-D ones (the norms) stay f32.
 
-Vocabulary. From the SentencePiece model (``tokenizer.model``) every output carries: pieces, scores and types
-(normal, unknown, control, user-defined, byte) as the proto has them, added tokens beyond it (special:
-control, else user-defined), padded to the model's vocab_size with unused pieces. ``add_space_prefix`` is the
-proto's ``add_dummy_prefix``: MiniCPM-2B's is false, and llama.cpp, told nothing, would put a "▁" at the start
-of every text and after every user-defined piece (other ids than training's). Special ids: BOS, EOS, UNK, pad,
-and the end-of-turn token of the chat template we trained with (templates.py), where generation stops.
+Vocabulary. SentencePiece (``tokenizer.model``) or BPE (``tokenizer.json``): tokens, types, scores or merges
+and the pre-tokenizer's name, as llama.cpp needs them to give training's ids (gguf_vocab.py). Special ids:
+BOS, EOS, UNK, pad, and the end-of-turn token of the chat template we trained with (templates.py), where
+generation stops.
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 
 from ..cli import FinetuneError
 from ..data.templates import TEMPLATES, end_of_turn_token
-from ..data.tokenizer import SENTENCEPIECE_FILE
+from .gguf_vocab import vocabulary
 
 ARCH = "llama"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -87,39 +83,6 @@ def _encoded(array: np.ndarray, outtype: str):
     return gguf.quants.quantize(array, qtype), qtype
 
 
-def sentencepiece_vocabulary(tokenizer_dir: str, tokenizer, vocab_size: int):
-    """(pieces as bytes, scores, GGUF token types, add_dummy_prefix) of the tokenizer (module docstring)."""
-    import gguf
-    from sentencepiece import sentencepiece_model_pb2
-
-    model_file = os.path.join(tokenizer_dir, SENTENCEPIECE_FILE)
-    if not os.path.isfile(model_file):
-        raise GGUFError(f"{tokenizer_dir} has no {SENTENCEPIECE_FILE}: GGUF export supports SentencePiece "
-                        "vocabularies (MiniCPM-1/2/4 and their outputs)")
-    proto = sentencepiece_model_pb2.ModelProto()
-    with open(model_file, "rb") as f:
-        proto.ParseFromString(f.read())
-    kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
-    token_type = {kinds.NORMAL: gguf.TokenType.NORMAL, kinds.UNKNOWN: gguf.TokenType.UNKNOWN,
-                  kinds.CONTROL: gguf.TokenType.CONTROL, kinds.USER_DEFINED: gguf.TokenType.USER_DEFINED,
-                  kinds.BYTE: gguf.TokenType.BYTE, kinds.UNUSED: gguf.TokenType.UNUSED}
-    pieces = [piece.piece.encode("utf-8") for piece in proto.pieces]
-    scores = [piece.score for piece in proto.pieces]
-    types = [token_type[piece.type] for piece in proto.pieces]
-    added = {i: t for i, t in tokenizer.added_tokens_decoder.items() if i >= len(pieces)}
-    size = max([vocab_size, len(pieces)] + [i + 1 for i in added])
-    if size > vocab_size:
-        raise GGUFError(f"{tokenizer_dir}: the tokenizer has {size} tokens, more than the model's vocab_size "
-                        f"{vocab_size}")
-    for i in range(len(pieces), size):  # the model's rows no piece uses
-        token = added.get(i)
-        pieces.append(token.content.encode("utf-8") if token else f"[PAD{i}]".encode())
-        scores.append(0.0 if token else -1000.0)
-        types.append(gguf.TokenType.UNUSED if token is None else
-                     gguf.TokenType.CONTROL if token.special else gguf.TokenType.USER_DEFINED)
-    return pieces, scores, types, proto.normalizer_spec.add_dummy_prefix
-
-
 def _rope(writer, config) -> None:
     import gguf
 
@@ -152,7 +115,7 @@ def write_gguf(llama, tokenizer, tokenizer_dir: str, path: str, outtype: str, na
     import gguf
 
     config = llama.config
-    pieces, scores, types, space_prefix = sentencepiece_vocabulary(tokenizer_dir, tokenizer, config.vocab_size)
+    vocab = vocabulary(tokenizer_dir, tokenizer, config.vocab_size)
     writer = gguf.GGUFWriter(path, ARCH)
     writer.add_name(name)
     writer.add_file_type(_qtypes(outtype)[1])
@@ -169,12 +132,16 @@ def write_gguf(llama, tokenizer, tokenizer_dir: str, path: str, outtype: str, na
     writer.add_vocab_size(config.vocab_size)
     _rope(writer, config)
 
-    writer.add_tokenizer_model("llama")  # llama.cpp's SentencePiece tokenizer
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(pieces)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_add_space_prefix(bool(space_prefix))
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    if vocab.merges is not None:
+        writer.add_token_merges(vocab.merges)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(bool(vocab.add_space_prefix))
     _special_ids(writer, tokenizer)
     if isinstance(tokenizer.chat_template, str):
         writer.add_chat_template(tokenizer.chat_template)
@@ -203,11 +170,12 @@ def modelfile(tokenizer, gguf_name: str) -> str:
     stop tokens (the end-of-turn token, and EOS)."""
     lines = [f"# ollama create NAME -f {MODELFILE}", f"FROM ./{gguf_name}"]
     builtin = next((key for key, template in TEMPLATES.items() if template.text == tokenizer.chat_template), None)
-    if builtin:
+    if builtin in OLLAMA_TEMPLATES:  # minicpm5 (think blocks, tools) is left to the template in the GGUF file
         template = OLLAMA_TEMPLATES[builtin].replace("{{ eos }}", tokenizer.eos_token)
         lines.append(f'TEMPLATE """{template}"""')
     else:
-        lines.append("# TEMPLATE: not translated (a custom chat template); Ollama reads the one in the GGUF file")
+        lines.append("# TEMPLATE: not translated (a custom or minicpm5 chat template); Ollama reads the one in the "
+                     "GGUF file")
     stops = dict.fromkeys([end_of_turn_token(tokenizer), tokenizer.eos_token])
     lines += [f'PARAMETER stop "{token}"' for token in stops if token]
     return "\n".join(lines) + "\n"
