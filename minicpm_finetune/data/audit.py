@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 from .encoding import IGNORE_INDEX, get_encoder
 from .rendering import TemplateError, template_options
-from .templates import end_of_turn_token
 
 CONTEXT_TOKENS = 6  # tokens shown on either side of a difference
 
@@ -58,7 +57,7 @@ def reference_turns(tokenizer, example: dict, enable_thinking=None) -> dict:
     None when the template's full rendering does not start with its prompt's ids."""
     messages, tools = example["messages"], example.get("tools")
     options = template_options(example.get("enable_thinking", enable_thinking))
-    eot = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+    eot = tokenizer.convert_tokens_to_ids(get_encoder(tokenizer).end_of_turn)  # probed once, when it was built
 
     def ids(conversation, prompt):
         text = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False, add_generation_prompt=prompt,

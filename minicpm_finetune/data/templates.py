@@ -236,6 +236,13 @@ def end_of_turn_token(tokenizer) -> str:
     return next((token for token in special if after.startswith(token)), tokenizer.eos_token)
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end a reply: the template's end-of-turn token and eos (the same under the minicpm template)."""
+    ids = [tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer)), tokenizer.eos_token_id]
+    # A token missing from the vocabulary converts to unk, which must not stop anything.
+    return list(dict.fromkeys(i for i in ids if i is not None and i != tokenizer.unk_token_id))
+
+
 def apply_template(tokenizer, template: str) -> None:
     """Install ``template`` on the tokenizer and make sure it can pad (MiniCPM's tokenizer has no pad token)."""
     tokenizer.chat_template = template

@@ -7,8 +7,9 @@ model and how they read its answer (batched generation itself is ``generation.py
 - ``context_limit`` and ``fit_prompt`` keep a prompt plus its new tokens within the model's context:
   the oldest whole user/assistant exchanges go first, the system turn stays, and a prompt that does not
   fit even alone raises ``PromptTooLong`` (cutting it would answer a question nobody asked).
-- ``stop_token_ids`` (the end-of-turn token and eos) and ``decode_reply`` read a reply from generated ids;
-  ``ReplyStreamer`` writes a reply as it is generated, ending with exactly the text ``decode_reply`` gives.
+- ``stop_token_ids`` (from data/templates.py: the end-of-turn token and eos) and ``decode_reply`` read a reply
+  from generated ids; ``ReplyStreamer`` writes a reply as it is generated, ending with exactly the text
+  ``decode_reply`` gives.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from typing import Callable
 
 from ..data.messages import THINK_CLOSE
-from ..data.templates import end_of_turn_token
+from ..data.templates import stop_token_ids
 
 
 class Prompt(list):
@@ -138,13 +139,6 @@ def fit_prompt(tokenizer, messages: list[dict], max_length: int | None,
 
 
 # --------------------------------------------------------------------------- replies
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """Ids that end a reply: the template's end-of-turn token and eos (the same under the minicpm template)."""
-    ids = [tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer)), tokenizer.eos_token_id]
-    # A token missing from the vocabulary converts to unk, which must not stop anything.
-    return list(dict.fromkeys(i for i in ids if i is not None and i != tokenizer.unk_token_id))
 
 
 def decode_reply(tokenizer, new_tokens: list[int], stop_ids) -> str:

@@ -290,7 +290,8 @@ def export_gguf(model: str, output_dir: str, outtype: str = "f16", check: bool =
     from ..data.tokenizer import has_tokenizer, load_chat_tokenizer, tokenizer_folder
     from .gguf import check_written_tensors, gguf_file_name, modelfile, write_gguf
     from .gguf_vocab import vocabulary
-    from .parity import check_gguf, stop_ids
+    from ..data.templates import stop_token_ids
+    from .parity import check_gguf
 
     adapter = os.path.isfile(os.path.join(model, "adapter_config.json"))
     if adapter:
@@ -325,7 +326,7 @@ def export_gguf(model: str, output_dir: str, outtype: str = "f16", check: bool =
             f.write(modelfile(tokenizer, name))
         if check:
             print(check_written_tensors(path, llama, outtype, output_dir), flush=True)
-            print(check_gguf(ref, path, outtype, stop_ids(tokenizer), output_dir), flush=True)
+            print(check_gguf(ref, path, outtype, stop_token_ids(tokenizer), output_dir), flush=True)
 
 
 @command

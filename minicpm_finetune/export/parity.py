@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..cli import FinetuneError
+from ..data.templates import stop_token_ids
 
 PROMPTS_FILE = "check_prompts.json"
 MAX_PROMPTS = 4
@@ -67,13 +68,6 @@ def save_check_prompts(output_dir: str, prompts: list[list[dict]]) -> None:
     if prompts:
         write_atomic(os.path.join(output_dir, PROMPTS_FILE),
                      json.dumps(list(prompts)[:MAX_PROMPTS], ensure_ascii=False, indent=1) + "\n")
-
-
-def stop_ids(tokenizer) -> list[int]:
-    from ..data.templates import end_of_turn_token
-
-    ids = [tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer)), tokenizer.eos_token_id]
-    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def rendered_ids(tokenizer, messages: list[dict]) -> tuple[str, list[int]]:
@@ -158,7 +152,7 @@ class Reference:
 
 def reference(model, tokenizer, prompts: list[list[dict]], origin: str) -> Reference:
     """Run the source (any dtype; computed in fp32) on the prompts."""
-    runner = TransformersRunner(model, stop_ids(tokenizer))
+    runner = TransformersRunner(model, stop_token_ids(tokenizer))
     ref = Reference(origin, list(prompts))
     for messages in prompts:
         text, ids = rendered_ids(tokenizer, messages)
@@ -205,7 +199,7 @@ def check_model_folder(ref: Reference, folder: str, target: str) -> str:
     storage = str(model.dtype).removeprefix("torch.")
     tokenizer = load_chat_tokenizer(folder)
     result_ids = [rendered_ids(tokenizer, messages)[1] for messages in ref.prompts]  # its own template and ids
-    return compare(ref, TransformersRunner(model, stop_ids(tokenizer)), result_ids, storage, f"{storage} model",
+    return compare(ref, TransformersRunner(model, stop_token_ids(tokenizer)), result_ids, storage, f"{storage} model",
                    target)
 
 
